@@ -1,0 +1,1 @@
+"""Pure computation over MLX / numpy / pandas. Never imports Qt or dupstudio.gui."""

@@ -1,0 +1,1 @@
+"""Qt front end. Talks to dupstudio.core only through functions taking progress + cancel."""
