@@ -1,0 +1,720 @@
+"""Calibrate replica parameters on text without retraining.
+
+Block by block (memory stays bounded to one block boundary of activations):
+
+* targets  Y = FP block k applied to the FP model's inputs of block k;
+* inputs   X = the *quantized* model's output of blocks 0..k-1 (``incremental=True``, seed
+  3.3.3) or the FP inputs (``incremental=False``);
+* loss     mean squared error of the block output, ``mean((B_q(X) - Y)^2)``.
+
+Codes stay fixed (the primary replica's, from its scale/zero strategy). Parameters tuned:
+per-group scales and biases of every replica (``s = s0·exp(u)``, ``b = b0 + s0·d``), per-row
+scale/offset of ``channel`` replicas, optional per-row and tied per-column gains, replica
+gains α (serial) / w (parallel), and optionally the block's residual gain β.
+Replicas start at α = 0 (parallel: w = [1, 0, ...]), i.e. equal to K = 1.
+
+Methods:
+
+* ``stats``  closed forms from activation statistics: per matrix, the code strategy with the
+  lowest activation-weighted error (diag of XᵀX), per-row least squares of group scale/bias
+  weighted by the layer's input XᵀX, and α/w by least squares on the block output;
+* ``grid``   grid search over replica γ, grid offset, clipping and α minimising block loss;
+* ``adam``   closed-form start (``init="closed_form"``) or round-to-nearest start, then
+  ``steps`` Adam steps per block on the block-output loss through MLX autodiff.
+
+Every method keeps a block's new parameters only if its loss over all calibration sequences
+went down (the never-worse guard) and records before/after loss in the configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models import llama
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from dupstudio.core import quant
+from dupstudio.core.config import COL_GROUPS, Config
+from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
+from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, block_linears, model_shape
+from dupstudio.core.replicate import embedding_modules, replica_init
+
+METHODS = ("stats", "grid", "adam")
+INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
+            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
+
+
+@dataclass
+class CalibSettings:
+    method: str = "adam"
+    steps: int = 100
+    lr: float = 5e-3
+    batch: int = 8
+    seqs: int = 64
+    seq_len: int = 512
+    init: str = "closed_form"  # or "rtn"
+    incremental: bool = True
+    gains: bool = False  # per-row and tied per-column gains
+    residual_gain: bool = False  # tune β even for K = 1
+    holdout: float = 0.25  # share of sequences held out to pick the best step and guard
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+PRESETS = {
+    # ≤ 10 min for the default model on 2 CPU cores (decision 10)
+    "fast": CalibSettings(method="adam", steps=40, lr=3e-3, batch=4, seqs=32, seq_len=256,
+                          init="closed_form"),
+    # the reference recipe's data and batch, with a closed-form start
+    "full": CalibSettings(method="adam", steps=300, batch=8, seqs=64, seq_len=512, init="closed_form"),
+}
+
+
+def settings_from(preset: str = "fast", **overrides) -> CalibSettings:
+    if preset not in PRESETS:
+        raise DupstudioError(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
+    s = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if s.method not in METHODS:
+        raise DupstudioError(f"unknown calibration method {s.method!r} (use {', '.join(METHODS)})")
+    if s.steps < 0 or s.batch < 1 or s.seqs < 1 or s.seq_len < 16:
+        raise DupstudioError("calibration settings out of range (steps ≥ 0, batch ≥ 1, seqs ≥ 1, seq_len ≥ 16)")
+    return s
+
+
+# --------------------------------------------------------------------------- block forward
+def block_forward(blk, x, mask, collect: bool = False):
+    """mlx-lm's llama TransformerBlock forward (no cache), optionally returning the inputs of
+    each linear group: attn (q/k/v), o, mlp (gate/up), down."""
+    attn = blk.self_attn
+    B, L, _ = x.shape
+    xn = blk.input_layernorm(x)
+    q = attn.q_proj(xn).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    k = attn.k_proj(xn).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    v = attn.v_proj(xn).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = attn.rope(q), attn.rope(k)
+    o = scaled_dot_product_attention(q, k, v, cache=None, scale=attn.scale, mask=mask)
+    o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    h = x + attn.o_proj(o)
+    hn = blk.post_attention_layernorm(h)
+    a = nn.silu(blk.mlp.gate_proj(hn)) * blk.mlp.up_proj(hn)
+    out = h + blk.mlp.down_proj(a)
+    if collect:
+        return out, {"attn": xn, "o": o, "mlp": hn, "down": a}
+    return out
+
+
+def _set_block_weights(tmpl, W: dict, norms) -> None:
+    for m in MATRIX_NAMES:
+        parent = tmpl.self_attn if m in ATTN_MATRICES else tmpl.mlp
+        getattr(parent, m).weight = W[m]
+    tmpl.input_layernorm.weight = norms[0]
+    tmpl.post_attention_layernorm.weight = norms[1]
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+# --------------------------------------------------------------------------- closed forms
+def weighted_lsq(w: mx.array, codes: mx.array, group_size: int, sigma: mx.array,
+                 s0: mx.array, b0: mx.array, ridge: float = 1e-3, chunk: int = 64):
+    """Per row, the group scales/biases minimising (w - ŵ)ᵀ Σ (w - ŵ) with codes fixed,
+    Σ = XᵀX/n of the layer's input. Ridge-regularised towards (s0, b0)."""
+    out, inn = w.shape
+    G = inn // group_size
+    E = mx.repeat(mx.eye(G), group_size, axis=0)  # (in, G)
+    SE = sigma @ E  # (in, G)
+    s_out, b_out = [], []
+    sig_tr = float(mx.mean(mx.diagonal(sigma)))
+    for sl in _chunks(out, chunk):
+        q = codes[sl].astype(mx.float32)  # (c, in)
+        Eq = q[:, :, None] * E[None]  # (c, in, G)
+        SEq = mx.matmul(sigma[None], Eq)  # (c, in, G)
+        A = mx.concatenate([Eq, mx.broadcast_to(E[None], Eq.shape)], axis=2)  # (c, in, 2G)
+        SA = mx.concatenate([SEq, mx.broadcast_to(SE[None], SEq.shape)], axis=2)
+        M = mx.matmul(A.transpose(0, 2, 1), SA)  # (c, 2G, 2G)
+        v = mx.matmul(SA.transpose(0, 2, 1), w[sl].astype(mx.float32)[:, :, None])[..., 0]
+        mx.eval(M, v)
+        M, v = np.array(M, dtype=np.float64), np.array(v, dtype=np.float64)
+        theta0 = np.concatenate([np.array(s0[sl]), np.array(b0[sl])], axis=1).astype(np.float64)
+        lam = ridge * sig_tr * group_size
+        M = M + lam * np.eye(2 * G)[None]
+        v = v + lam * theta0
+        try:
+            theta = np.linalg.solve(M, v[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            theta = theta0
+        bad = ~np.isfinite(theta).all(axis=1)
+        theta[bad] = theta0[bad]
+        s_out.append(theta[:, :G])
+        b_out.append(theta[:, G:])
+    s = mx.array(np.concatenate(s_out).astype(np.float32))
+    b = mx.array(np.concatenate(b_out).astype(np.float32))
+    # keep scales away from zero/sign flips
+    s = mx.where(mx.abs(s) < 1e-3 * mx.abs(s0), s0, s)
+    return s, b
+
+
+def weighted_error(w, what, sigma_diag):
+    d = (w - what) ** 2
+    return float((d * sigma_diag[None, :]).sum())
+
+
+STATS_CANDIDATES = (("minmax", {}), ("percentile", {"p": 99.9}), ("ksigma", {"k": 3.0}),
+                    ("search", {"error": "act"}))
+
+
+# --------------------------------------------------------------------------- the calibrator
+@dataclass
+class BlockResult:
+    index: int
+    loss_before: float
+    loss_after: float
+    accepted: bool
+    seconds: float
+    steps: int
+    method: str
+    curve: list = field(default_factory=list)
+
+
+class _BlockProblem:
+    """Trainable parametrisation of one block's replicas over fixed codes."""
+
+    def __init__(self, args, fp_layer, spec, bits, group_size, codes, base_sb, rep_sb, settings):
+        self.args = args
+        self.tmpl = llama.TransformerBlock(args)
+        self.K = spec.replicas
+        self.mode = spec.mode
+        self.spec = spec
+        self.bits, self.g = bits, group_size
+        self.settings = settings
+        self.codes = {m: codes[m].astype(mx.float32).reshape(codes[m].shape[0], -1, group_size)
+                      for m in MATRIX_NAMES}
+        self.shapes = {m: codes[m].shape for m in MATRIX_NAMES}
+        self.norm_in = fp_layer.input_layernorm.weight.astype(mx.float32)
+        self.norm_post = fp_layer.post_attention_layernorm.weight.astype(mx.float32)
+        self.base = rep_sb  # per replica: m -> (s0, b0) (channel replicas: unused)
+        self.sbar = {m: mx.mean(mx.abs(base_sb[m][0]), axis=1) for m in MATRIX_NAMES}
+
+    def init_params(self, gains=None, residual=1.0, start_at_k1=True) -> dict:
+        P = {"rep": []}
+        for i in range(self.K):
+            rp = {}
+            gran = "group" if i == 0 else self.spec.replica[i].granularity
+            for m in MATRIX_NAMES:
+                out, G = self.codes[m].shape[:2]
+                if gran == "group":
+                    rp[m] = {"u": mx.zeros((out, G)), "d": mx.zeros((out, G))}
+                else:
+                    rp[m] = {"ua": mx.zeros((out,)), "dc": mx.zeros((out,))}
+                if self.settings.gains:
+                    rp[m]["row"] = mx.zeros((out,))
+            if self.settings.gains:
+                H = self.args.hidden_size
+                rp["col"] = {"attn": mx.zeros((H,)), "mlp": mx.zeros((H,)),
+                             "o": mx.zeros((self.shapes["v_proj"][0],)),
+                             "down": mx.zeros((self.shapes["up_proj"][0],))}
+            P["rep"].append(rp)
+        if gains is None:
+            if self.mode == "serial":
+                gains = [1.0] + [0.0 if start_at_k1 else 1.0] * (self.K - 1)
+            else:
+                gains = [1.0] + [0.0] * (self.K - 1) if start_at_k1 else [1.0 / self.K] * self.K
+        P["gains"] = mx.array(gains, dtype=mx.float32)
+        P["beta"] = mx.array(float(residual))
+        return P
+
+    def replica_sb(self, P, i):
+        """(scales, biases) per matrix of replica i (raw, before row/col gains)."""
+        out = {}
+        rp = P["rep"][i]
+        for m in MATRIX_NAMES:
+            if "u" in rp[m]:
+                s0, b0 = self.base[i][m]
+                out[m] = (s0 * mx.exp(rp[m]["u"]), b0 + s0 * rp[m]["d"])
+            else:
+                s1, b1 = self.replica_sb_cache[m]
+                a = mx.exp(rp[m]["ua"])[:, None]
+                c = (self.sbar[m] * rp[m]["dc"])[:, None]
+                out[m] = (s1 * a, b1 * a + c)
+        return out
+
+    def weights(self, P, i):
+        sb = self.replica_sb(P, i)
+        if i == 0:
+            self.replica_sb_cache = sb
+        rp = P["rep"][i]
+        W = {}
+        for m in MATRIX_NAMES:
+            s, b = sb[m]
+            w = (s[..., None] * self.codes[m] + b[..., None]).reshape(self.shapes[m])
+            mult = None
+            if "row" in rp[m]:
+                mult = 1.0 + rp[m]["row"]
+            if "col" in rp and m == "v_proj":
+                mult = (1.0 + rp["col"]["o"]) if mult is None else mult * (1.0 + rp["col"]["o"])
+            if "col" in rp and m == "up_proj":
+                mult = (1.0 + rp["col"]["down"]) if mult is None else mult * (1.0 + rp["col"]["down"])
+            if mult is not None:
+                w = w * mult[:, None]
+            W[m] = w
+        if "col" in rp:
+            norms = (self.norm_in * (1.0 + rp["col"]["attn"]), self.norm_post * (1.0 + rp["col"]["mlp"]))
+        else:
+            norms = (self.norm_in, self.norm_post)
+        return W, norms
+
+    def forward(self, P, x, mask):
+        Ws = [self.weights(P, i) for i in range(self.K)]
+
+        def f(i, inp):
+            _set_block_weights(self.tmpl, *Ws[i])
+            return block_forward(self.tmpl, inp, mask)
+
+        g = P["gains"]
+        if self.mode == "serial":
+            y = f(0, x)
+            for i in range(1, self.K):
+                y = y + g[i] * (f(i, y) - y)
+        else:
+            y = x
+            for i in range(self.K):
+                y = y + g[i] * (f(i, x) - x)
+        return x + P["beta"] * (y - x)
+
+    def export(self, P, k: int) -> tuple:
+        """(sidecar tensors for block k, gains list, residual gain)."""
+        t = {}
+        for i in range(self.K):
+            sb = self.replica_sb(P, i)
+            if i == 0:
+                self.replica_sb_cache = sb
+            rp = P["rep"][i]
+            for m in MATRIX_NAMES:
+                pre = f"b{k}.r{i}.{m}"
+                if "u" in rp[m]:
+                    t[f"{pre}.scales"] = sb[m][0].astype(mx.float16)
+                    t[f"{pre}.biases"] = sb[m][1].astype(mx.float16)
+                else:
+                    t[f"{pre}.ch_scale"] = mx.exp(rp[m]["ua"]).astype(mx.float16)
+                    t[f"{pre}.ch_offset"] = (self.sbar[m] * rp[m]["dc"]).astype(mx.float16)
+                if "row" in rp[m]:
+                    t[f"{pre}.row_gain"] = (1.0 + rp[m]["row"]).astype(mx.float16)
+            if "col" in rp:
+                for c in COL_GROUPS:
+                    t[f"b{k}.r{i}.col.{c}"] = (1.0 + rp["col"][c]).astype(mx.float16)
+        gains = [float(v) for v in np.array(P["gains"])]
+        if self.mode == "serial":
+            gains[0] = 1.0
+        return t, gains, float(P["beta"].item())
+
+
+def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: CalibSettings, *,
+              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+              on_loss: Optional[Callable[[int, int, float], None]] = None,
+              checkpoint_dir: Optional[Path] = None, blocks: Optional[list] = None) -> Config:
+    """Return a new configuration with tuned replica parameters and its provenance.
+
+    ``tokens`` is (seqs, seq_len) calibration windows. ``on_loss(block, step, loss)`` receives
+    the training loss (for a live curve). ``checkpoint_dir`` saves each finished block and
+    resumes a stopped run."""
+    from dupstudio.core.config import validate
+
+    progress, cancel = ensure(progress, cancel)
+    validate(cfg, model_shape(loaded.config))
+    if tokens.ndim != 2 or tokens.shape[1] < 16:
+        raise DupstudioError("calibration tokens must be (sequences, length ≥ 16)")
+    t_start = time.perf_counter()
+    out = cfg.copy()
+    out.tensors = dict(cfg.tensors)
+    args = loaded.model.args
+    fp_layers = loaded.model.model.layers
+    lin = block_linears(loaded.model)
+    n_blocks = len(fp_layers)
+    todo = set(range(n_blocks) if blocks is None else blocks)
+    rng = np.random.default_rng(settings.seed)
+    toks = mx.array(tokens)
+    x_fp = loaded.model.model.embed_tokens(toks).astype(mx.float32)
+    emb_q, _ = embedding_modules(loaded, cfg, "simulate", mx.float32)
+    x_q = emb_q(toks).astype(mx.float32)
+    mx.eval(x_fp, x_q)
+    if not settings.incremental:
+        x_q = x_fp
+    mask = "causal"
+    n_seq = tokens.shape[0]
+    bs = settings.batch
+    results = []
+    ck = Path(checkpoint_dir) if checkpoint_dir else None
+    if ck:
+        ck.mkdir(parents=True, exist_ok=True)
+    for k in range(n_blocks):
+        cancel.check()
+        t0 = time.perf_counter()
+        layer = fp_layers[k]
+        fp_f = lambda x: block_forward(layer, x, mask)  # noqa: E731
+        y = mx.concatenate([fp_f(x_fp[sl]) for sl in _chunks(n_seq, bs)]) if k in todo or settings.incremental else None
+        if y is not None:
+            mx.eval(y)
+        if k not in todo:
+            x_fp = y if y is not None else mx.concatenate([fp_f(x_fp[sl]) for sl in _chunks(n_seq, bs)])
+            x_q = x_fp if not settings.incremental else _apply_current(loaded, out, k, x_q, mask, bs)
+            continue
+        done = _load_checkpoint(ck, k, settings, cfg) if ck else None
+        if done is not None:
+            t, gains, beta, rec = done
+            out.tensors.update(t)
+            out.blocks[k].gains, out.blocks[k].residual_gain, out.blocks[k].calibration = gains, beta, rec
+            results.append(BlockResult(k, rec["loss_before"], rec["loss_after"], rec["accepted"],
+                                       rec["seconds"], rec["steps"], rec["method"]))
+            progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
+        else:
+            res, t, gains, beta = _calibrate_block(loaded, out, k, lin[k], layer, x_q, y, mask,
+                                                   settings, rng, progress, cancel, on_loss, n_blocks)
+            results.append(res)
+            rec = asdict(res)
+            rec.pop("curve")
+            rec["settings"] = settings.key()
+            if res.accepted:
+                out.tensors.update(t)
+                out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
+            out.blocks[k].calibration = rec
+            if ck:
+                _save_checkpoint(ck, k, settings, t if res.accepted else {},
+                                 out.blocks[k].gains, out.blocks[k].residual_gain, rec)
+        # advance the activations
+        x_fp = y
+        if settings.incremental:
+            x_q = _apply_current(loaded, out, k, x_q, mask, bs)
+        else:
+            x_q = x_fp
+        mx.eval(x_fp, x_q)
+        progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
+                 f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s)")
+    from dupstudio.core.evaluate import provenance as _prov
+
+    out.provenance = dict(out.provenance)
+    out.provenance["calibration"] = {
+        "settings": asdict(settings),
+        "seconds": time.perf_counter() - t_start,
+        "blocks": [asdict(r) | {"curve": r.curve[-1:]} for r in results],
+        **_prov("", n_seq, tokens.shape[1], settings.seed),
+    }
+    out.provenance["calibration"].pop("text_sha256", None)
+    return out
+
+
+def _apply_current(loaded, cfg, k, x, mask, bs):
+    """Block k of the configuration (simulate) applied to x."""
+    from dupstudio.core.replicate import ReplicatedBlock, block_tensors, make_replica_block
+
+    bt = block_tensors(loaded, cfg, k)
+    spec = cfg.blocks[k]
+    reps = [make_replica_block(loaded.model.args, bt, i, "simulate", mx.float32) for i in range(spec.replicas)]
+    blk = ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain)
+    out = mx.concatenate([blk(x[sl], mask) for sl in _chunks(x.shape[0], bs)])
+    mx.eval(out)
+    return out
+
+
+def _ck_paths(ck: Path, k: int):
+    return ck / f"block_{k:03d}.safetensors", ck / f"block_{k:03d}.json"
+
+
+def _save_checkpoint(ck, k, settings, tensors, gains, beta, rec):
+    from dupstudio.core.config import atomic_write_bytes
+
+    st, js = _ck_paths(ck, k)
+    if tensors:
+        tmp = st.with_suffix(".tmp.safetensors")
+        mx.save_safetensors(str(tmp), tensors)
+        tmp.replace(st)
+    atomic_write_bytes(js, json.dumps({"settings": settings.key(), "gains": gains, "beta": beta,
+                                       "record": rec, "has_tensors": bool(tensors)}).encode())
+
+
+def _load_checkpoint(ck, k, settings, cfg):
+    st, js = _ck_paths(ck, k)
+    if not js.exists():
+        return None
+    try:
+        d = json.loads(js.read_text())
+    except json.JSONDecodeError:
+        return None
+    if d.get("settings") != settings.key():
+        return None
+    t = dict(mx.load(str(st))) if d.get("has_tensors") and st.exists() else {}
+    if d.get("has_tensors") and not t:
+        return None
+    return t, d["gains"], d["beta"], d["record"]
+
+
+def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, progress,
+                     cancel, on_loss, n_blocks):
+    t0 = time.perf_counter()
+    spec = cfg.blocks[k]
+    bits, g, strategy, sargs = cfg.block_quant(k)
+    n_seq = x.shape[0]
+    bs = settings.batch
+
+    # activation statistics of each linear group's input (on the block's actual inputs)
+    sig = {c: None for c in COL_GROUPS}
+    cnt = 0
+    for sl in _chunks(n_seq, bs):
+        _, acts = block_forward(layer, x[sl], mask, collect=True)
+        for c, a in acts.items():
+            a2 = a.reshape(-1, a.shape[-1]).astype(mx.float32)
+            s = a2.T @ a2
+            sig[c] = s if sig[c] is None else sig[c] + s
+        cnt += x[sl].shape[0] * x.shape[1]
+        mx.eval(sig)
+    sig = {c: v / cnt for c, v in sig.items()}
+
+    # codes (fixed) and starting scales/biases
+    codes, base = {}, {}
+    for m in MATRIX_NAMES:
+        w = float_w[m].astype(mx.float32)
+        key = f"b{k}.{m}.codes"
+        strat, sa = strategy, sargs
+        if settings.method == "stats" and key not in cfg.tensors:
+            d = mx.diagonal(sig[INPUT_OF[m]])
+            best = None
+            for name, a in STATS_CANDIDATES:
+                p = quant.compute_params(w, bits, g, name, act_sq=d if name == "search" else None, **a)
+                c = quant.quantize_codes(w, p)
+                e = weighted_error(w, quant.dequantize_codes(c, p.scales, p.biases, g), d)
+                if best is None or e < best[0]:
+                    best = (e, name, a)
+            strat, sa = best[1], best[2]
+        act = mx.diagonal(sig[INPUT_OF[m]]) if strat == "search" and sa.get("error") == "act" else None
+        p0 = quant.compute_params(w, bits, g, strat, act_sq=act, **sa)
+        if key in cfg.tensors:
+            codes[m] = quant.unpack_codes(cfg.tensors[key], bits, w.shape[1])
+        else:
+            codes[m] = quant.quantize_codes(w, p0)
+        s0, b0 = p0.scales, p0.biases
+        if settings.init == "closed_form" or settings.method == "stats":
+            s0, b0 = weighted_lsq(w, codes[m], g, sig[INPUT_OF[m]], s0, b0)
+        base[m] = (s0, b0)
+        mx.eval(codes[m], s0, b0)
+    rep_sb = []
+    for i, r in enumerate(spec.replica):
+        if i == 0:
+            rep_sb.append(base)
+            continue
+        d = {}
+        for m in MATRIX_NAMES:
+            s0, b0 = base[m]
+            d[m] = replica_init(r, float_w[m].astype(mx.float32), codes[m], s0, b0, bits, g) \
+                if r.init != "lsq" else weighted_lsq(float_w[m].astype(mx.float32), codes[m], g,
+                                                     sig[INPUT_OF[m]], s0, b0)
+        rep_sb.append(d)
+    prob = _BlockProblem(loaded.model.args, layer, spec, bits, g, codes, base, rep_sb, settings)
+
+    def full_loss(P):
+        tot = 0.0
+        for sl in _chunks(n_seq, bs):
+            d = prob.forward(P, x[sl], mask) - y[sl]
+            tot += float(mx.sum(d * d).item())
+        return tot / (y.size)
+
+    # the starting point: the block as configured before this run (round-to-nearest, K = 1
+    # equivalent gains)
+    P_rtn = prob.init_params()
+    rtn_sb = []
+    for i, r in enumerate(spec.replica):
+        rtn_sb.append(prob.base[i])
+    loss_before = _loss_of_start(prob, loaded, cfg, k, float_w, codes, x, y, mask, bs, strategy, sargs, bits, g)
+    P = P_rtn
+    curve = []
+    steps = 0
+    if settings.method == "stats":
+        P = _stats_gains(prob, P, x, y, mask, bs)
+    elif settings.method == "grid":
+        P = _grid(prob, P, x, y, mask, bs, full_loss, float_w, codes, bits, g, cancel)
+    if settings.method == "adam" and settings.steps > 0:
+        import mlx.optimizers as optim
+
+        # hold out some sequences: the best step is chosen on them (early stopping), which
+        # keeps a few hundred noisy steps from over-fitting the calibration text
+        n_hold = int(round(n_seq * settings.holdout)) if n_seq >= 4 else 0
+        perm = rng.permutation(n_seq)
+        hold_idx = np.sort(perm[:n_hold])
+        train_idx = np.sort(perm[n_hold:])
+        xh = x[mx.array(hold_idx)] if n_hold else None
+        yh = y[mx.array(hold_idx)] if n_hold else None
+
+        def hold_loss(Q):
+            if not n_hold:
+                return None
+            tot = 0.0
+            for sl in _chunks(n_hold, bs):
+                d = prob.forward(Q, xh[sl], mask) - yh[sl]
+                tot += float(mx.sum(d * d).item())
+            return tot / yh.size
+
+        opt = optim.Adam(learning_rate=settings.lr)
+        train = {"rep": P["rep"], "gains": P["gains"], "beta": P["beta"]}
+        best_P, best_h = train, hold_loss(train)
+        every = max(5, settings.steps // 6)
+
+        def loss_fn(T, xb, yb):
+            d = prob.forward(T, xb, mask) - yb
+            return mx.mean(d * d)
+
+        vg = mx.value_and_grad(loss_fn)
+        gmask = mx.array([0.0] + [1.0] * (spec.replicas - 1)) if prob.mode == "serial" else None
+        for step in range(settings.steps):
+            cancel.check()
+            idx = mx.array(np.sort(rng.choice(train_idx, size=min(bs, len(train_idx)), replace=False)))
+            loss, grads = vg(train, x[idx], y[idx])
+            if gmask is not None:
+                grads["gains"] = grads["gains"] * gmask
+            elif spec.replicas == 1:
+                grads["gains"] = mx.zeros_like(grads["gains"])
+            if not settings.residual_gain:
+                grads["beta"] = mx.zeros_like(grads["beta"])
+            train = opt.apply_gradients(grads, train)
+            mx.eval(train, opt.state, loss)
+            lv = float(loss.item())
+            curve.append(lv)
+            steps += 1
+            if on_loss:
+                on_loss(k, step, lv)
+            if n_hold and ((step + 1) % every == 0 or step == settings.steps - 1):
+                h = hold_loss(train)
+                if h < best_h:
+                    best_P, best_h = train, h
+            if step % 5 == 0 or step == settings.steps - 1:
+                progress((k + (step + 1) / settings.steps) / n_blocks,
+                         f"block {k}: step {step + 1}/{settings.steps} loss {lv:.4g}")
+        P = best_P if n_hold else train
+    loss_after = full_loss(P)
+    accepted = loss_after < loss_before
+    t, gains, beta = prob.export(P, k)
+    for m in MATRIX_NAMES:
+        t[f"b{k}.{m}.codes"] = quant.pack_codes(codes[m], bits)
+    res = BlockResult(k, loss_before, loss_after if accepted else loss_before, accepted,
+                      time.perf_counter() - t0, steps, settings.method, curve)
+    if accepted:
+        res.loss_after = loss_after
+    return res, t, gains, beta
+
+
+def _loss_of_start(prob, loaded, cfg, k, float_w, codes, x, y, mask, bs, strategy, sargs, bits, g):
+    """Block loss of the configuration as it stands (what the guard must not make worse)."""
+    from dupstudio.core.replicate import ReplicatedBlock, block_tensors, make_replica_block
+
+    bt = block_tensors(loaded, cfg, k, float_weights=float_w)
+    spec = cfg.blocks[k]
+    reps = [make_replica_block(loaded.model.args, bt, i, "simulate", mx.float32) for i in range(spec.replicas)]
+    if cfg.blocks[k].calibration is None and spec.replicas > 1:
+        # uncalibrated replicas are compared from the K = 1 starting point too (decision 5)
+        gains = [1.0] + [0.0] * (spec.replicas - 1)
+        blk = ReplicatedBlock(reps, spec.mode, gains, spec.residual_gain)
+        blk_cfg = ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain)
+        l1 = _block_loss(blk, x, y, mask, bs)
+        l2 = _block_loss(blk_cfg, x, y, mask, bs)
+        return min(l1, l2)
+    blk = ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain)
+    return _block_loss(blk, x, y, mask, bs)
+
+
+def _block_loss(blk, x, y, mask, bs):
+    tot = 0.0
+    for sl in _chunks(x.shape[0], bs):
+        d = blk(x[sl], mask) - y[sl]
+        tot += float(mx.sum(d * d).item())
+    return tot / y.size
+
+
+def _stats_gains(prob, P, x, y, mask, bs):
+    """Least-squares α (serial, one replica at a time) or w (parallel, jointly) on the block output."""
+    if prob.K == 1:
+        return P
+    K = prob.K
+    Ws = [prob.weights(P, i) for i in range(K)]
+
+    def f(i, inp):
+        _set_block_weights(prob.tmpl, *Ws[i])
+        return block_forward(prob.tmpl, inp, mask)
+
+    gains = [1.0] * K
+    if prob.mode == "parallel":
+        A = np.zeros((K, K))
+        bvec = np.zeros(K)
+        for sl in _chunks(x.shape[0], bs):
+            D = [(f(i, x[sl]) - x[sl]).reshape(-1) for i in range(K)]
+            r = (y[sl] - x[sl]).reshape(-1)
+            for i in range(K):
+                bvec[i] += float((D[i] * r).sum().item())
+                for j in range(K):
+                    A[i, j] += float((D[i] * D[j]).sum().item())
+        try:
+            gains = list(np.linalg.solve(A + 1e-6 * np.trace(A) * np.eye(K), bvec))
+        except np.linalg.LinAlgError:
+            gains = [1.0] + [0.0] * (K - 1)
+    else:
+        cur = [mx.concatenate([f(0, x[sl]) for sl in _chunks(x.shape[0], bs)])]
+        yc = cur[0]
+        for i in range(1, K):
+            z = mx.concatenate([f(i, yc[sl]) for sl in _chunks(x.shape[0], bs)])
+            dz = (z - yc).reshape(-1)
+            r = (y - yc).reshape(-1)
+            den = float((dz * dz).sum().item())
+            a = float((dz * r).sum().item()) / den if den > 0 else 0.0
+            gains[i] = a
+            yc = yc + a * (z - yc)
+            mx.eval(yc)
+    P = dict(P)
+    P["gains"] = mx.array(gains, dtype=mx.float32)
+    return P
+
+
+GRID = {"gamma": (0.85, 1.0, 1.15), "offset": (-0.25, 0.0, 0.25), "alpha": (0.0, 0.25, 0.5, 0.75, 1.0)}
+
+
+def _grid(prob, P, x, y, mask, bs, full_loss, float_w, codes, bits, g, cancel):
+    """Grid over replica γ and grid offset (applied to all matrices of replicas ≥ 2) and α/w."""
+    best = (full_loss(P), P)
+    if prob.K == 1:
+        for beta in (0.8, 0.9, 1.0, 1.1):
+            Q = dict(P)
+            Q["beta"] = mx.array(beta)
+            L = full_loss(Q)
+            if L < best[0]:
+                best = (L, Q)
+        return best[1]
+    base = [dict(prob.base[i]) for i in range(prob.K)]
+    for gam in GRID["gamma"]:
+        for off in GRID["offset"]:
+            cancel.check()
+            for i in range(1, prob.K):
+                for m in MATRIX_NAMES:
+                    s0, b0 = base[0][m]
+                    centre = b0 + s0 * ((2 ** bits - 1) / 2.0)
+                    s = gam * s0
+                    prob.base[i][m] = (s, centre - s * ((2 ** bits - 1) / 2.0) + off * s0)
+            for a in GRID["alpha"]:
+                Q = dict(P)
+                if prob.mode == "serial":
+                    Q["gains"] = mx.array([1.0] + [a] * (prob.K - 1))
+                else:
+                    Q["gains"] = mx.array([1.0 - a * (prob.K - 1) / prob.K] + [a / prob.K] * (prob.K - 1))
+                L = full_loss(Q)
+                if L < best[0]:
+                    best = (L, Q, [dict(b) for b in prob.base])
+    if len(best) == 3:
+        prob.base = best[2]
+    else:
+        prob.base = base
+    return best[1]
