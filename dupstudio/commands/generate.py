@@ -19,12 +19,23 @@ def register(subparsers) -> None:
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for --temp > 0")
+    p.add_argument("--config", default=None,
+                   help="generate with this replication configuration (deploy mode: packed kernels)")
+    p.add_argument("--mode", default="deploy", choices=["deploy", "simulate"],
+                   help="with --config: deploy (packed quantized kernels) or simulate (dequantized)")
     p.set_defaults(func=run)
 
 
 def load_for_generation(args):
-    """Open the model the command runs (a configuration will be applied here later)."""
+    """Open the model the command runs; with --config, the configured (replicated) model."""
     from dupstudio.core.model_io import open_model
+
+    if getattr(args, "config", None):
+        from dupstudio.commands._common import load_config_and_model
+        from dupstudio.core.replicate import build
+
+        cfg, loaded = load_config_and_model(args.config, args.model)
+        return build(loaded, cfg, args.mode), loaded.tokenizer
 
     progress = StderrProgress()
     try:
