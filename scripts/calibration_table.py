@@ -30,6 +30,10 @@ CONFIGS = {
     "k2p": dict(replicas=2, mode="parallel"),
     "k2s_ch": dict(replicas=2, mode="serial", granularity="channel"),
     "k2p_ch": dict(replicas=2, mode="parallel", granularity="channel"),
+    "k2s_ch_gains": dict(replicas=2, mode="serial", granularity="channel", gains=True, residual_gain=True),
+    "mix_edges": dict(replicas=2, mode="serial", layers=[0, 1, 2, 27, 28, 29]),
+    "mix_edges_ch": dict(replicas=2, mode="serial", granularity="channel", layers=list(range(30)),
+                         edge_group=[0, 1, 2, 27, 28, 29]),
 }
 
 
@@ -71,7 +75,10 @@ def main():
         do_cal = spec.pop("calibrate", True)
         gains = spec.pop("gains", False)
         resid = spec.pop("residual_gain", False)
+        edge = spec.pop("edge_group", None)
         cfg = C.new_config(shp, bits=a.bits, group_size=a.group, source="default", **spec)
+        for k in edge or []:  # these blocks' second replica gets full per-group parameters
+            cfg.blocks[k].replica[1].granularity = "group"
         t0 = time.perf_counter()
         if do_cal:
             s = settings_from(a.preset, method=a.method, steps=a.steps, gains=gains, residual_gain=resid,

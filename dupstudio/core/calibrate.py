@@ -75,7 +75,8 @@ PRESETS = {
     "fast": CalibSettings(method="adam", steps=40, lr=3e-3, batch=4, seqs=32, seq_len=256,
                           init="closed_form"),
     # the reference recipe's data and batch, with a closed-form start
-    "full": CalibSettings(method="adam", steps=300, batch=8, seqs=64, seq_len=512, init="closed_form"),
+    "full": CalibSettings(method="adam", steps=300, batch=8, seqs=64, seq_len=512, init="closed_form",
+                          holdout=0.0),
 }
 
 

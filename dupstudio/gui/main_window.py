@@ -1,0 +1,693 @@
+"""The main window: tabs for the model, the layer table, distributions, calibration, evaluation,
+generation and the roofline; a totals strip; configuration files; settings; drag and drop.
+
+Threading: every MLX call runs on ``self.runner`` (one worker thread, :mod:`dupstudio.gui.worker`);
+this thread only edits the configuration's block specs and draws.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QDockWidget,
+    QFileDialog,
+    QFormLayout,
+    QInputDialog,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTabWidget,
+    QUndoView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from dupstudio.core.jobs import DupstudioError
+from dupstudio.gui import tasks
+from dupstudio.gui.panels.calibration import CalibrationPanel
+from dupstudio.gui.panels.distributions import DistributionsPanel
+from dupstudio.gui.panels.evaluation import EvaluationPanel
+from dupstudio.gui.panels.generation import GenerationPanel
+from dupstudio.gui.panels.layers import LayersPanel, TotalsBar
+from dupstudio.gui.panels.model import ModelPanel
+from dupstudio.gui.panels.roofline import RooflinePanel
+from dupstudio.gui.project import Project, common_group_sizes, snapshot
+from dupstudio.gui.widgets import Banner
+from dupstudio.gui.worker import BACKGROUND, JobRunner
+
+ORGANIZATION = "dupstudio"
+APPLICATION = "dupstudio"
+MAX_RECENT = 8
+METRICS_CHUNK = 4
+TABS = ("model", "layers", "distributions", "calibration", "evaluation", "generation", "roofline")
+
+
+def default_settings() -> QSettings:
+    return QSettings(ORGANIZATION, APPLICATION)
+
+
+class NewConfigDialog(QDialog):
+    def __init__(self, shape: dict, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        from dupstudio.core import config as C
+        from dupstudio.core import quant as Q
+
+        self.setWindowTitle("New configuration")
+        form = QFormLayout(self)
+        self.bits = QComboBox()
+        for b in C.SUPPORTED_BITS:
+            self.bits.addItem(str(b), b)
+        self.group = QComboBox()
+        sizes = common_group_sizes(shape)
+        for g in sizes:
+            self.group.addItem(str(g), g)
+        self.group.setCurrentIndex(max(0, self.group.findData(64)))
+        self.strategy = QComboBox()
+        for s in Q.STRATEGIES:
+            self.strategy.addItem(s, s)
+        self.replicas = QSpinBox()
+        self.replicas.setRange(1, C.MAX_REPLICAS)
+        self.mode = QComboBox()
+        for m in C.MODES:
+            self.mode.addItem(m, m)
+        self.init = QComboBox()
+        for i in C.INITS:
+            self.init.addItem(i, i)
+        form.addRow("Bits", self.bits)
+        form.addRow("Group size", self.group)
+        note = QLabel(f"(group sizes that divide every row of this model: {', '.join(map(str, sizes))})")
+        note.setStyleSheet("QLabel { color: #666; }")
+        form.addRow(note)
+        form.addRow("Scale/zero strategy", self.strategy)
+        form.addRow("Replicas K (every block)", self.replicas)
+        form.addRow("Mode", self.mode)
+        form.addRow("Replica init", self.init)
+        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        bb.accepted.connect(self.accept)
+        bb.rejected.connect(self.reject)
+        form.addRow(bb)
+
+    def values(self) -> dict:
+        return {"bits": self.bits.currentData(), "group_size": self.group.currentData(),
+                "strategy": self.strategy.currentData(), "replicas": self.replicas.value(),
+                "mode": self.mode.currentData(), "init": self.init.currentData()}
+
+
+class MainWindow(QMainWindow):
+    model_loaded = Signal(object)  # the description dict
+    load_failed = Signal(str)
+    config_saved = Signal(str)
+    config_opened = Signal(str)
+    config_failed = Signal(str)  # an open / save error
+    error_shown = Signal(str)
+
+    def __init__(self, model: Optional[str] = None, *, autoload: bool = True,
+                 settings: Optional[QSettings] = None) -> None:
+        super().__init__()
+        self.settings = settings if settings is not None else default_settings()
+        self.setWindowTitle("dupstudio")
+        self.resize(1400, 900)
+        self.setAcceptDrops(True)
+        self.description: Optional[dict] = None
+        self.error_message: Optional[str] = None
+        self._loading = False
+        self._progress_status = None
+        self._closing_after_save = False
+        self._shut = False
+
+        self.project = Project(self)
+        self.runner = JobRunner(self)
+        self.build_cache = tasks.BuildCache()  # used by worker jobs only
+
+        # ---------------------------------------------------------------- layout
+        central = QWidget()
+        lay = QVBoxLayout(central)
+        lay.setContentsMargins(4, 4, 4, 0)
+        lay.setSpacing(4)
+        self.banner = Banner()
+        lay.addWidget(self.banner)
+        self.tabs = QTabWidget()
+        self.tabs.setDocumentMode(True)
+        lay.addWidget(self.tabs, 1)
+        self.totals = TotalsBar(self.project)
+        lay.addWidget(self.totals)
+        self.setCentralWidget(central)
+
+        self.panel = ModelPanel()  # kept as .panel: the model summary
+        self.layers = LayersPanel(self.project)
+        self.distributions = DistributionsPanel(self.project, self)
+        self.calibration = CalibrationPanel(self.project, self)
+        self.evaluation = EvaluationPanel(self.project, self)
+        self.generation = GenerationPanel(self.project, self)
+        self.roofline = RooflinePanel(self.project, self)
+        for w, name in ((self.panel, "Model"), (self.layers, "Layers"), (self.distributions, "Distributions"),
+                        (self.calibration, "Calibration"), (self.evaluation, "Evaluation"),
+                        (self.generation, "Generation"), (self.roofline, "Roofline")):
+            self.tabs.addTab(w, name)
+
+        self.panel.open_folder.connect(self._choose_folder)
+        self.panel.open_gguf.connect(self._choose_gguf)
+        self.panel.open_default.connect(lambda: self.load_model(None))
+        self.panel.open_source.connect(self.load_model)
+        self.panel.open_recent.connect(self.load_model)
+        self.layers.model.edit_failed.connect(self.show_error)
+        self.layers.view.doubleClicked.connect(lambda _i: None)
+        self.layers.view.selectionModel().currentRowChanged.connect(
+            lambda cur, _prev: cur.isValid() and self.distributions.show_block(cur.row()))
+
+        # ---------------------------------------------------------------- status bar
+        self._status = QLabel("Ready")
+        self._job_label = QLabel("")
+        self._job_label.setStyleSheet("QLabel { color: #555; }")
+        self._bar = QProgressBar()
+        self._bar.setMaximumWidth(200)
+        self._bar.setTextVisible(False)
+        self._bar.hide()
+        self._cancel = QPushButton("Cancel")
+        self._cancel.setFlat(True)
+        self._cancel.hide()
+        self._cancel.clicked.connect(self.cancel_current)
+        self.statusBar().addWidget(self._status, 1)
+        self.statusBar().addPermanentWidget(self._job_label)
+        self.statusBar().addPermanentWidget(self._bar)
+        self.statusBar().addPermanentWidget(self._cancel)
+        self.runner.job_started.connect(self._job_started)
+        self.runner.job_finished.connect(self._job_finished)
+        self.runner.job_progress.connect(self._job_progress)
+
+        # ---------------------------------------------------------------- history dock
+        self.history = QDockWidget("History", self)
+        self.history.setObjectName("historyDock")
+        self.history.setWidget(QUndoView(self.project.undo_stack))
+        self.addDockWidget(Qt.RightDockWidgetArea, self.history)
+        self.history.hide()
+
+        self._build_menus()
+        self.project.dirty_changed.connect(lambda _d: self._update_title())
+        self.project.path_changed.connect(lambda _p: self._update_title())
+        self.project.config_replaced.connect(self._config_replaced)
+        self.project.blocks_changed.connect(self._schedule_metrics)
+        self._metrics_pending: set = set()
+        self._metrics_jobs: list = []
+        self._metrics_timer = QTimer(self)
+        self._metrics_timer.setSingleShot(True)
+        self._metrics_timer.setInterval(150)
+        self._metrics_timer.timeout.connect(self._submit_metrics)
+
+        self._restore_settings()
+        if autoload:
+            if model is None:
+                last = self.settings.value("model/last", "")
+                model = last if last and Path(str(last)).exists() else None
+            self.load_model(model)
+
+    # ================================================================== menus
+    def _action(self, menu, text: str, slot: Callable, shortcut=None, tip: str = "") -> QAction:
+        a = QAction(text, self)
+        if shortcut is not None:
+            if isinstance(shortcut, (list, tuple)):
+                a.setShortcuts([QKeySequence(s) for s in shortcut])
+            else:
+                a.setShortcut(QKeySequence(shortcut))
+        if tip:
+            a.setStatusTip(tip)
+        a.triggered.connect(lambda _checked=False: slot())
+        menu.addAction(a)
+        return a
+
+    def _build_menus(self) -> None:
+        mb = self.menuBar()
+        m = mb.addMenu("&File")
+        self.open_folder_action = self._action(m, "Open model &folder…", self._choose_folder, "Ctrl+Shift+O")
+        self.open_gguf_action = self._action(m, "Open &GGUF file…", self._choose_gguf)
+        self.open_hub_action = self._action(m, "Open from the &hub…", self._choose_hub)
+        self.open_default_action = self._action(m, "Open the &default model", lambda: self.load_model(None))
+        self.recent_models_menu = m.addMenu("Recent &models")
+        m.addSeparator()
+        self.new_config_action = self._action(m, "&New configuration…", self.new_configuration, QKeySequence.New)
+        self.open_config_action = self._action(m, "&Open configuration…", self.open_configuration, QKeySequence.Open)
+        self.recent_configs_menu = m.addMenu("Recent &configurations")
+        self.save_action = self._action(m, "&Save configuration", self.save, QKeySequence.Save)
+        self.save_as_action = self._action(m, "Save configuration &as…", self.save_as, "Ctrl+Shift+S")
+        m.addSeparator()
+        self.export_action = self._action(m, "&Export deployable model… (coming later)", lambda: None)
+        self.export_action.setEnabled(False)
+        m.addSeparator()
+        self._action(m, "&Quit", self.close, QKeySequence.Quit)
+
+        e = mb.addMenu("&Edit")
+        self.undo_action = self.project.undo_stack.createUndoAction(self, "&Undo")
+        self.undo_action.setShortcuts([QKeySequence("Ctrl+Z")])
+        self.redo_action = self.project.undo_stack.createRedoAction(self, "&Redo")
+        self.redo_action.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
+        e.addAction(self.undo_action)
+        e.addAction(self.redo_action)
+        e.addSeparator()
+        self._action(e, "Select all &blocks", lambda: (self.tabs.setCurrentWidget(self.layers),
+                                                       self.layers.view.selectAll()))
+
+        v = mb.addMenu("&View")
+        for i, name in enumerate(TABS):
+            self._action(v, f"&{name.capitalize()}", lambda i=i: self.tabs.setCurrentIndex(i), f"Ctrl+{i + 1}")
+        v.addSeparator()
+        v.addAction(self.history.toggleViewAction())
+
+        t = mb.addMenu("&Tools")
+        self.search_action = self._action(t, "&Search configurations… (coming later)", lambda: None)
+        self.search_action.setEnabled(False)
+
+        h = mb.addMenu("&Help")
+        self._action(h, "&About dupstudio", self._about)
+        self._refresh_recent_menus()
+
+    def _about(self) -> None:
+        from dupstudio import __version__
+
+        QMessageBox.about(self, "About dupstudio",
+                          f"dupstudio {__version__}\n\nReplicate decoder blocks over shared 2-bit codes, "
+                          "calibrate them, and see what it costs.")
+
+    # ================================================================== dialogs (monkeypatched in tests)
+    def ask_open_path(self, caption: str, filter: str) -> Optional[str]:
+        start = str(self.settings.value("paths/last_dir", ""))
+        f, _ = QFileDialog.getOpenFileName(self, caption, start, filter)
+        if f:
+            self.settings.setValue("paths/last_dir", str(Path(f).parent))
+        return f or None
+
+    def ask_save_path(self, caption: str, default_name: str, filter: str) -> Optional[str]:
+        start = str(Path(str(self.settings.value("paths/last_dir", ""))) / default_name)
+        f, _ = QFileDialog.getSaveFileName(self, caption, start, filter)
+        if f:
+            self.settings.setValue("paths/last_dir", str(Path(f).parent))
+        return f or None
+
+    def ask_text_file(self, caption: str) -> Optional[str]:
+        return self.ask_open_path(caption, "Text files (*.txt);;All files (*)")
+
+    def ask_directory(self, caption: str) -> Optional[str]:
+        d = QFileDialog.getExistingDirectory(self, caption, str(self.settings.value("paths/last_dir", "")))
+        return d or None
+
+    def confirm_discard(self) -> str:
+        """'save', 'discard' or 'cancel' for unsaved edits."""
+        box = QMessageBox(QMessageBox.Warning, "Unsaved configuration",
+                          f"The configuration “{self.project.display_name}” has unsaved changes.",
+                          QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, self)
+        box.setInformativeText("Save them first?")
+        box.setDefaultButton(QMessageBox.Save)
+        r = box.exec()
+        return {QMessageBox.Save: "save", QMessageBox.Discard: "discard"}.get(r, "cancel")
+
+    def _may_discard(self) -> bool:
+        """True when it is fine to replace the configuration now (asks when it has unsaved edits)."""
+        if not self.project.dirty:
+            return True
+        answer = self.confirm_discard()
+        if answer == "discard":
+            return True
+        if answer == "save":
+            self.save()
+            self.show_status("Saving first; repeat the action once the configuration is saved.")
+        return False
+
+    # ================================================================== messages
+    def show_error(self, message: str) -> None:
+        self.error_message = message
+        self.banner.show_message(message, "error")
+        self._status.setText(f"Error: {message}")
+        self.error_shown.emit(message)
+
+    def show_status(self, message: str) -> None:
+        self._status.setText(message)
+
+    def status_text(self) -> str:
+        return self._status.text()
+
+    # ================================================================== jobs
+    def run_job(self, fn, on_done: Callable[[Any], None], on_error: Optional[Callable[[str], None]] = None,
+                name: str = "job"):
+        """Queue ``fn(progress, cancel)`` on the MLX worker; ``on_done(result)`` or
+        ``on_error(message)`` run on the GUI thread afterwards."""
+        return self.runner.submit(fn, name=name, on_done=on_done, on_error=on_error or self.show_error)
+
+    @property
+    def busy(self) -> bool:
+        return self._loading
+
+    def cancel_current(self) -> None:
+        job = self.runner.running_job()
+        if job is not None:
+            job.cancel()
+
+    def _job_started(self, job) -> None:
+        if job.background:
+            self._job_label.setText("computing weight error…")
+            return
+        self._job_label.setText(job.name)
+        self._bar.setRange(0, 0)
+        self._bar.show()
+        self._cancel.show()
+
+    def _job_progress(self, job, fraction, message: str) -> None:
+        if job.background:
+            return
+        if fraction is None:
+            self._bar.setRange(0, 0)
+        else:
+            self._bar.setRange(0, 1000)
+            self._bar.setValue(int(max(0.0, min(1.0, fraction)) * 1000))
+        if message:
+            self._status.setText(message[:1].upper() + message[1:])
+            self._progress_status = self._status.text()
+
+    def _job_finished(self, job) -> None:
+        if not self.runner.active_jobs(include_background=False):
+            self._bar.hide()
+            self._cancel.hide()
+        if not self.runner.active_jobs():
+            self._job_label.setText("")
+        if job.state == "cancelled" and not job.background:
+            self._status.setText(f"{job.name.capitalize()} cancelled")
+        elif not job.background and self._status.text() == self._progress_status:
+            self._status.setText("Ready")  # a stale progress message
+
+    # ================================================================== model
+    def _choose_folder(self) -> None:
+        d = self.ask_directory("Open a model folder (mlx-lm / Hugging Face)")
+        if d:
+            self.load_model(d)
+
+    def _choose_gguf(self) -> None:
+        f = self.ask_open_path("Open a GGUF file", "GGUF files (*.gguf);;All files (*)")
+        if f:
+            self.load_model(f)
+
+    def _choose_hub(self) -> None:
+        text, ok = QInputDialog.getText(self, "Open from the Hugging Face hub", "Repository id (org/name):")
+        if ok and text.strip():
+            self.load_model(text.strip())
+
+    def load_model(self, source: Optional[str] = None) -> bool:
+        """Open ``source`` (folder, .gguf, hub id; None: the default model) on the worker."""
+        if self._loading:
+            return False
+        if self.project.has_model and not self._may_discard():
+            return False
+        name = "the default model" if source in (None, "", "default") else str(source)
+        self.error_message = None
+        self.banner.hide()
+        self.panel.hide_error()
+        self.panel.clear(f"Loading {name}…")
+        self._set_loading(True, f"Loading {name}…")
+        for j in self._metrics_jobs:
+            j.cancel()
+        cache = self.build_cache
+        inner = tasks.load_model_job(source)
+
+        def job(progress, cancel):
+            cache.clear()  # free the previous model's built copy (on the worker)
+            return inner(progress, cancel)
+
+        self.runner.submit(job, name="open model", on_done=lambda r: self._on_model(r, source),
+                           on_error=self._on_model_error)
+        return True
+
+    def _set_loading(self, loading: bool, message: str = "") -> None:
+        self._loading = loading
+        for a in (self.open_folder_action, self.open_gguf_action, self.open_default_action, self.open_hub_action):
+            a.setEnabled(not loading)
+        if message:
+            self._status.setText(message)
+
+    def _on_model(self, result, source) -> None:
+        loaded, d = result
+        self.description = d
+        self.panel.show_description(d)
+        self.project.set_model(loaded, d)
+        self._set_loading(False, f"Loaded {d['architecture']} model: {d['num_blocks']} blocks, "
+                                 f"{d['parameters']:,} parameters ({loaded.path})")
+        if source not in (None, "", "default"):
+            self._add_recent("recent/models", str(source))
+            self.settings.setValue("model/last", str(source))
+        else:
+            self.settings.setValue("model/last", "")
+        self._update_title()
+        self.model_loaded.emit(d)
+
+    def _on_model_error(self, message: str) -> None:
+        self.description = None
+        self.panel.clear("Could not open the model")
+        self.panel.show_error(message)
+        self._set_loading(False)
+        self.project.loaded = None
+        self.show_error(message)
+        self._update_title()
+        self.load_failed.emit(message)
+
+    # ================================================================== weight-error metrics
+    def _config_replaced(self) -> None:
+        self._schedule_metrics(list(range(self.project.num_blocks)))
+        self._update_title()
+
+    def _schedule_metrics(self, blocks: list) -> None:
+        self._metrics_pending.update(blocks)
+        self._metrics_timer.start()
+
+    def _submit_metrics(self) -> None:
+        p = self.project
+        if not p.has_model or self.runner.closed:
+            return
+        todo = sorted(k for k in self._metrics_pending if k < p.num_blocks and p.metrics_for(k) is None)
+        self._metrics_pending.clear()
+        if not todo:
+            return
+        if len(todo) == p.num_blocks:
+            for j in self._metrics_jobs:
+                j.cancel()
+        self._metrics_jobs = [j for j in self._metrics_jobs if j.active]
+        cfg = snapshot(p.config)
+        for i in range(0, len(todo), METRICS_CHUNK):
+            chunk = todo[i:i + METRICS_CHUNK]
+            revs = {k: p.block_rev[k] for k in chunk}
+            self._metrics_jobs.append(self.runner.submit(
+                tasks.block_metrics_job(p.loaded, cfg, chunk, revs), name="weight error", priority=BACKGROUND,
+                on_done=p.accept_metrics, on_error=lambda msg: None if msg == "cancelled"
+                else self._status.setText(f"Weight error: {msg}")))
+
+    def metrics_idle(self) -> bool:
+        return not any(j.active for j in self._metrics_jobs) and not self._metrics_timer.isActive()
+
+    # ================================================================== configuration files
+    def new_configuration(self, values: Optional[dict] = None) -> bool:
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first.")
+            return False
+        if not self._may_discard():
+            return False
+        if values is None:
+            dlg = NewConfigDialog(p.shape, self)
+            if dlg.exec() != QDialog.Accepted:
+                return False
+            values = dlg.values()
+        try:
+            p.new_config(**values)
+        except DupstudioError as e:
+            self.show_error(str(e))
+            return False
+        self.show_status("New configuration")
+        return True
+
+    def open_configuration(self, path: Optional[str] = None) -> bool:
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first: a configuration belongs to a model.")
+            return False
+        if not self._may_discard():
+            return False
+        if path is None:
+            path = self.ask_open_path("Open a configuration", "Configurations (*.json);;All files (*)")
+            if not path:
+                return False
+        self._status.setText(f"Opening {path}…")
+        self.runner.submit(tasks.load_config_job(str(path), p.shape), name="open configuration",
+                           on_done=lambda cfg: self._config_loaded(cfg, path),
+                           on_error=lambda msg: self._config_error(f"Could not open the configuration: {msg}"))
+        return True
+
+    def _config_loaded(self, cfg, path) -> None:
+        self.project.set_config(cfg, Path(path))
+        self._add_recent("recent/configs", str(path))
+        notes = cfg.provenance.get("notes") if isinstance(cfg.provenance, dict) else None
+        self.show_status(f"Opened {path}" + (f" ({'; '.join(notes)})" if notes else ""))
+        self.config_opened.emit(str(path))
+
+    def _config_error(self, message: str) -> None:
+        self.show_error(message)
+        self.config_failed.emit(message)
+
+    def save(self) -> bool:
+        if self.project.config is None:
+            return False
+        if self.project.path is None:
+            return self.save_as()
+        return self._save_to(str(self.project.path))
+
+    def save_as(self, path: Optional[str] = None) -> bool:
+        if self.project.config is None:
+            return False
+        if path is None:
+            path = self.ask_save_path("Save the configuration", f"{self.project.display_name.removesuffix('.json')}.json",
+                                      "Configurations (*.json)")
+            if not path:
+                return False
+            if not path.endswith(".json"):
+                path += ".json"
+        return self._save_to(path)
+
+    def _save_to(self, path: str) -> bool:
+        p = self.project
+        cfg = snapshot(p.config)
+        index = p.undo_stack.index()
+        self._status.setText(f"Saving {path}…")
+
+        def done(r) -> None:
+            if p.undo_stack.index() == index:
+                p.saved_as(Path(r["path"]), r["tensors_file"])
+            else:  # edited while saving: the file holds the earlier state
+                p.config.tensors_file = r["tensors_file"]
+                p.path = Path(r["path"])
+                p.path_changed.emit(p.path)
+            self._add_recent("recent/configs", r["path"])
+            self.show_status(f"Saved {r['path']}" + (f" (+ {r['tensors_file']})" if r["tensors_file"] else ""))
+            self.config_saved.emit(r["path"])
+            if self._closing_after_save:
+                self.close()
+
+        def failed(msg: str) -> None:
+            self._closing_after_save = False
+            self._config_error(f"Could not save the configuration: {msg}")
+
+        self.runner.submit(tasks.save_config_job(cfg, path), name="save configuration", on_done=done,
+                           on_error=failed)
+        return True
+
+    # ================================================================== recent files
+    def _recent(self, key: str) -> list:
+        v = self.settings.value(key, [])
+        if isinstance(v, str):
+            v = [v] if v else []
+        return [str(x) for x in (v or [])]
+
+    def _add_recent(self, key: str, item: str) -> None:
+        items = [item] + [x for x in self._recent(key) if x != item]
+        self.settings.setValue(key, items[:MAX_RECENT])
+        self._refresh_recent_menus()
+
+    def _refresh_recent_menus(self) -> None:
+        for menu, key, slot in ((self.recent_models_menu, "recent/models", self.load_model),
+                                (self.recent_configs_menu, "recent/configs", self.open_configuration)):
+            menu.clear()
+            items = self._recent(key)
+            for it in items:
+                a = menu.addAction(it)
+                a.triggered.connect(lambda _c=False, it=it, slot=slot: slot(it))
+            if not items:
+                a = menu.addAction("(none)")
+                a.setEnabled(False)
+        self.panel.set_recent(self._recent("recent/models"))
+
+    # ================================================================== title, settings, close
+    def _update_title(self) -> None:
+        p = self.project
+        if p.config is None or self.description is None:
+            self.setWindowTitle("dupstudio")
+            return
+        model = Path(str(self.description.get("path", ""))).name or str(self.description.get("source"))
+        self.setWindowTitle(f"{p.display_name}{'*' if p.dirty else ''} — {model} — dupstudio")
+
+    def _restore_settings(self) -> None:
+        geo = self.settings.value("window/geometry")
+        if geo is not None:
+            self.restoreGeometry(geo)
+        state = self.settings.value("window/state")
+        if state is not None:
+            self.restoreState(state)
+        tab = self.settings.value("window/tab")
+        if tab is not None:
+            try:
+                self.tabs.setCurrentIndex(int(tab))
+            except (TypeError, ValueError):
+                pass
+        t = self.settings.value("calibration/text", "")
+        if t and not self.calibration.text.path() and Path(str(t)).exists():
+            self.calibration.text.set_path(str(t))
+        t = self.settings.value("evaluation/text", "")
+        if t and Path(str(t)).exists():
+            self.evaluation.text.set_path(str(t))
+        prompt = self.settings.value("generation/prompt", "")
+        if prompt:
+            self.generation.prompt.setPlainText(str(prompt))
+
+    def _save_settings(self) -> None:
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.settings.setValue("window/tab", self.tabs.currentIndex())
+        self.settings.sync()
+
+    def dragEnterEvent(self, ev) -> None:  # noqa: N802
+        md = ev.mimeData()
+        if md.hasUrls() and all(u.isLocalFile() for u in md.urls()):
+            ev.acceptProposedAction()
+        else:
+            ev.ignore()
+
+    def dropEvent(self, ev) -> None:  # noqa: N802
+        urls = [u.toLocalFile() for u in ev.mimeData().urls() if u.isLocalFile()]
+        if not urls:
+            return
+        ev.acceptProposedAction()
+        self.open_path(urls[0])
+
+    def open_path(self, path: str) -> bool:
+        """A dropped / command-line path: configuration JSON, or a model folder / .gguf."""
+        if str(path).lower().endswith(".json") and Path(path).is_file():
+            return self.open_configuration(path)
+        return self.load_model(path)
+
+    def shutdown(self) -> None:
+        """Cancel running work and stop the worker thread (idempotent)."""
+        if self._shut:
+            return
+        self._shut = True
+        self._metrics_timer.stop()
+        try:
+            self._save_settings()
+        except RuntimeError:
+            pass
+        self.runner.shutdown()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
+        if self.project.dirty and not self._closing_after_save and not self._shut:
+            answer = self.confirm_discard()
+            if answer == "cancel":
+                event.ignore()
+                return
+            if answer == "save":
+                self._closing_after_save = True
+                if not self.save():
+                    self._closing_after_save = False
+                event.ignore()
+                return
+        self.shutdown()
+        super().closeEvent(event)
