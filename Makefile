@@ -71,3 +71,16 @@ clean-venv:
 	rm -rf $(VENV)
 
 # (`make package` builds the desktop bundle: see packaging/.)
+
+# The desktop bundle (PyInstaller, packaging/dupstudio.spec): dist/dupstudio/ (Linux: run
+# dist/dupstudio/dupstudio) and, on macOS, dist/dupstudio.app. Installs PyInstaller when missing.
+# Check it with `QT_QPA_PLATFORM=offscreen dist/dupstudio/dupstudio --self-test`. (LD_PRELOAD is
+# cleared for the build: PyInstaller's ldd would otherwise bundle the preloaded OpenBLAS.)
+PYINSTALLER ?= pyinstaller>=6.10
+.PHONY: package
+package: $(STAMP)
+	@$(PY) -c 'import PyInstaller' 2>/dev/null || \
+		$(PY) -m pip install --disable-pip-version-check '$(PYINSTALLER)'
+	env -u LD_PRELOAD $(PY) -m PyInstaller --noconfirm --clean --log-level WARN \
+		--distpath dist --workpath build/pyinstaller packaging/dupstudio.spec
+	@du -sh dist/dupstudio $(wildcard dist/dupstudio.app) 2>/dev/null || true

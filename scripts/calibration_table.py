@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--init", default=None)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--reg", type=float, default=None)
     ap.add_argument("--configs", default="rtn,k1,k2s,k2p")
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--group", type=int, default=64)
@@ -82,7 +83,7 @@ def main():
         t0 = time.perf_counter()
         if do_cal:
             s = settings_from(a.preset, method=a.method, steps=a.steps, gains=gains, residual_gain=resid,
-                              seqs=a.seqs, seq_len=a.seq_len, batch=a.batch, lr=a.lr, init=a.init)
+                              seqs=a.seqs, seq_len=a.seq_len, batch=a.batch, lr=a.lr, init=a.init, reg=a.reg)
             cal = make_windows(cal_toks, s.seq_len, s.seqs, what="calibration text")
             cfg = calibrate(L, cfg, cal, s, progress=lambda f, m: print(f"  [{name}] {m}", flush=True)
                             if "step" not in m else None,

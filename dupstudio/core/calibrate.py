@@ -64,6 +64,7 @@ class CalibSettings:
     gains: bool = False  # per-row and tied per-column gains
     residual_gain: bool = False  # tune β even for K = 1
     holdout: float = 0.25  # share of sequences held out to pick the best step and guard
+    reg: float = 0.0  # L2 pull of the tuned offsets (u, d, gains) towards the start, per value
     seed: int = 0
 
     def key(self) -> str:
@@ -73,10 +74,10 @@ class CalibSettings:
 PRESETS = {
     # ≤ 10 min for the default model on 2 CPU cores (decision 10)
     "fast": CalibSettings(method="adam", steps=40, lr=3e-3, batch=4, seqs=32, seq_len=256,
-                          init="closed_form"),
+                          init="closed_form", reg=1.0),
     # the reference recipe's data and batch, with a closed-form start
     "full": CalibSettings(method="adam", steps=300, batch=8, seqs=64, seq_len=512, init="closed_form",
-                          holdout=0.0),
+                          holdout=0.0, reg=1.0),
 }
 
 
@@ -568,9 +569,20 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
         best_P, best_h = train, hold_loss(train)
         every = max(5, settings.steps // 6)
 
+        y_scale = 1.0 / max(float(mx.mean(y * y).item()), 1e-12)
+        P0 = train
+
         def loss_fn(T, xb, yb):
             d = prob.forward(T, xb, mask) - yb
-            return mx.mean(d * d)
+            L = mx.mean(d * d) * y_scale  # relative error: the same scale in every block
+            if settings.reg > 0:
+                from mlx.utils import tree_flatten
+
+                pen = [mx.sum((a - b) ** 2) for (_, a), (_, b) in
+                       zip(tree_flatten(T["rep"]), tree_flatten(P0["rep"]))]
+                n = sum(a.size for _, a in tree_flatten(T["rep"]))
+                L = L + settings.reg * sum(pen) / n
+            return L
 
         vg = mx.value_and_grad(loss_fn)
         gmask = mx.array([0.0] + [1.0] * (spec.replicas - 1)) if prob.mode == "serial" else None
@@ -586,7 +598,7 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
                 grads["beta"] = mx.zeros_like(grads["beta"])
             train = opt.apply_gradients(grads, train)
             mx.eval(train, opt.state, loss)
-            lv = float(loss.item())
+            lv = float(loss.item()) / y_scale
             curve.append(lv)
             steps += 1
             if on_loss:
