@@ -1,0 +1,197 @@
+"""``dupstudio sweep [MODEL] --budget-bpw 2.5 --text-cal FILE --text-eval FILE --out DIR``: evaluate RTN
+2/3/4-bit, calibrated K=1, K=2 serial/parallel, the budgeted search's result and mlx-lm's own
+quantizations on the same windows; writes DIR/sweep.csv, DIR/best.json and PNG plots.
+
+Perplexity (+ bootstrap 95% interval), KL from full precision, top-1 agreement, bits/weight of the
+decoder-block linears and the predicted decode latency on a hardware profile (default M1 Pro).
+Calibration uses the fast preset by default (decision 10). Under ``mx.distributed`` with more than
+one process, only rank 0 writes files."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="compare configurations and mlx-lm baselines; budgeted search",
+                              description=__doc__.split("\n")[0])
+    p.add_argument("model", nargs="?", default=None, help="model (default: the shipped default model)")
+    p.add_argument("--budget-bpw", type=float, default=2.5, help="bits/weight budget of the block linears")
+    p.add_argument("--budget-latency-ms", type=float, default=None,
+                   help="predicted decode latency budget (ms/token on --profile)")
+    p.add_argument("--profile", default="apple-m1-pro", help="hardware profile for the latency prediction")
+    p.add_argument("--text-cal", default=None, help="UTF-8 calibration text (default: the shipped excerpt)")
+    p.add_argument("--text-eval", required=True, help="UTF-8 evaluation text")
+    p.add_argument("--out", "-o", required=True, help="output folder")
+    p.add_argument("--windows", type=int, default=16, help="evaluation windows")
+    p.add_argument("--ctx", type=int, default=512, help="evaluation window length")
+    p.add_argument("--preset", default="fast", choices=["fast", "full"])
+    p.add_argument("--steps", type=int, default=None, help="Adam steps per block (override the preset)")
+    p.add_argument("--seqs", type=int, default=None, help="calibration sequences (override the preset)")
+    p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (override)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--kl-windows", type=int, default=8, help="calibration windows the search's KL uses")
+    p.add_argument("--max-refine", type=int, default=4, help="refinement trials of the search")
+    p.add_argument("--no-search", action="store_true")
+    p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's baselines")
+    p.set_defaults(func=run)
+
+
+def _is_writer() -> bool:
+    try:
+        import mlx.core as mx
+
+        if not mx.distributed.is_available():
+            return True
+        g = mx.distributed.init()
+        return g.size() <= 1 or g.rank() == 0
+    except Exception:  # noqa: BLE001 - no distribution: this process writes
+        return True
+
+
+def write_plots(df, out: Path, budget_bpw: float, profile: str) -> list:
+    """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
+    matplotlib if installed, else pyqtgraph's offscreen ImageExporter. Returns the written paths."""
+    from dupstudio.core.search import pareto_front
+
+    d = df[df["ppl"].notna() & (df["ppl"] > 0)].copy()
+    d["front"] = pareto_front(d, "bits_per_weight", "ppl")
+    specs = [("ppl_vs_bpw.png", "bits_per_weight", "bits / weight (decoder-block linears)", True),
+             ("ppl_vs_latency.png", "latency_ms", f"predicted decode latency, ms/token ({profile})", False)]
+    paths = []
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for fname, x, xlabel, front in specs:
+            dd = d[d[x].notna()]
+            fig, ax = plt.subplots(figsize=(8, 5))
+            for src, mk in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "*")):
+                s = dd[dd["source"] == src]
+                ax.scatter(s[x], s["ppl"], marker=mk, label=src)
+                for _, r in s.iterrows():
+                    ax.annotate(r["name"], (r[x], r["ppl"]), fontsize=6)
+            if front:
+                f = dd[dd["front"]].sort_values(x)
+                ax.plot(f[x], f["ppl"], "k--", label="Pareto front")
+                ax.axvline(budget_bpw, color="r", lw=0.8, label=f"budget {budget_bpw:g}")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("perplexity")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / fname, dpi=120)
+            plt.close(fig)
+            paths.append(out / fname)
+        return paths
+    except ImportError:
+        pass
+    import gc
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import numpy as np
+    import pyqtgraph as pg
+    import pyqtgraph.exporters as pge
+
+    app = pg.mkQApp()
+    colors = {"dupstudio": (31, 119, 180), "mlx-lm": (255, 127, 14), "fp": (44, 160, 44)}
+    for fname, x, xlabel, front in specs:
+        dd = d[d[x].notna()]
+        pw = pg.PlotWidget(background="w")
+        pw.resize(900, 560)
+        pi = pw.getPlotItem()
+        pi.addLegend(offset=(-10, 10))
+        pi.setLogMode(False, True)
+        pi.setLabel("bottom", xlabel)
+        pi.setLabel("left", "perplexity (log)")
+        for src, sym in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "star")):
+            s = dd[dd["source"] == src]
+            if s.empty:
+                continue
+            pi.plot(s[x].to_numpy(float), s["ppl"].to_numpy(float), pen=None, symbol=sym, symbolSize=9,
+                    symbolBrush=colors[src], name=src)
+            for _, r in s.iterrows():
+                t = pg.TextItem(str(r["name"]), color=(60, 60, 60), anchor=(0, 1))
+                t.setPos(float(r[x]), float(np.log10(r["ppl"])))
+                pi.addItem(t)
+        if front:
+            f = dd[dd["front"]].sort_values(x)
+            pi.plot(f[x].to_numpy(float), f["ppl"].to_numpy(float), pen=pg.mkPen("k", width=1.5,
+                    style=pg.QtCore.Qt.PenStyle.DashLine), name="Pareto front")
+            pi.addItem(pg.InfiniteLine(pos=budget_bpw, angle=90, pen=pg.mkPen("r")))
+        exp = pge.ImageExporter(pi)
+        exp.parameters()["width"] = 900
+        exp.export(str(out / fname))
+        paths.append(out / fname)
+        # tear the widget down while the QApplication lives (else a crash at interpreter exit)
+        del exp
+        pi.clear()
+        pw.close()
+        pw.deleteLater()
+        del pi, pw
+        app.processEvents()
+        gc.collect()
+        app.processEvents()
+    return paths
+
+
+def run(args) -> int:
+    import math
+
+    from dupstudio.commands._common import default_calibration_text, open_model_quiet
+    from dupstudio.commands.info import StderrProgress
+    from dupstudio.core import config as C
+    from dupstudio.core.calibrate import settings_from
+    from dupstudio.core.evaluate import make_windows, provenance, read_text, text_sha256, tokenize
+    from dupstudio.core.search import best_within_budget, sweep
+
+    settings = settings_from(args.preset, steps=args.steps, seqs=args.seqs, seq_len=args.seq_len,
+                             batch=args.batch)
+    loaded = open_model_quiet(args.model)
+    cal_path = Path(args.text_cal) if args.text_cal else default_calibration_text()
+    cal_text = read_text(cal_path)
+    eval_text = read_text(args.text_eval)
+    cal = make_windows(tokenize(loaded.tokenizer, cal_text), settings.seq_len, settings.seqs,
+                       what=f"calibration text {cal_path}")
+    ev = make_windows(tokenize(loaded.tokenizer, eval_text), args.ctx, args.windows,
+                      what=f"evaluation text {args.text_eval}")
+    out = Path(args.out)
+    writer = _is_writer()
+    progress = StderrProgress()
+    try:
+        df, cfgs = sweep(loaded, cal, ev, budget_bpw=args.budget_bpw, budget_latency_ms=args.budget_latency_ms,
+                         profile=args.profile, settings=settings, with_search=not args.no_search,
+                         search_kwargs={"kl_windows": args.kl_windows, "max_refine": args.max_refine},
+                         mlx_lm=not args.no_mlx_lm, progress=progress)
+    finally:
+        progress.close()
+    if not writer:
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    prov = provenance(eval_text, args.windows, args.ctx, text_path=str(args.text_eval),
+                      cal_text=str(cal_path), cal_text_sha256=text_sha256(cal_text), preset=args.preset)
+    df.to_csv(out / "sweep.csv", index=False)
+    name, best = best_within_budget(df, cfgs)
+    if best is not None:
+        row = df[df["name"] == name].iloc[0].to_dict()
+        best.results = list(best.results) + [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                              for k, v in row.items()} | {"provenance": prov}]
+        best.provenance = dict(best.provenance)
+        best.provenance["sweep"] = {"chosen": name, "budget_bpw": args.budget_bpw,
+                                    "budget_latency_ms": args.budget_latency_ms, **prov}
+        C.save(best, out / "best.json")
+    (out / "sweep_provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+    plots = write_plots(df, out, args.budget_bpw, args.profile)
+    cols = ["name", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "top1", "latency_ms", "within_budget"]
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
+        print(df[cols].to_string(index=False))
+    print(f"best within {args.budget_bpw:g} bits/weight: {name or 'none'}", file=sys.stderr)
+    print(f"wrote {out / 'sweep.csv'}" + (f", {out / 'best.json'}" if best is not None else "")
+          + "".join(f", {p}" for p in plots), file=sys.stderr)
+    return 0

@@ -1,0 +1,40 @@
+"""``dupstudio sweep`` on the tiny model with fast settings."""
+import json
+import math
+
+import pandas as pd
+
+from dupstudio.cli import main
+from dupstudio.core.testing import tiny_text
+
+
+def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(), encoding="utf-8")
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(tiny_model_dir), "--budget-bpw", "2.6", "--text-cal", str(text),
+                   "--text-eval", str(text), "--out", str(out), "--windows", "2", "--ctx", "32",
+                   "--seqs", "4", "--seq-len", "32", "--steps", "2", "--batch", "4",
+                   "--kl-windows", "2", "--max-refine", "1"])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    df = pd.read_csv(out / "sweep.csv")
+    names = list(df["name"])
+    for want in ("RTN 2-bit g64", "RTN 3-bit g64", "RTN 4-bit g64", "calibrated K=1 2-bit g64",
+                 "calibrated K=2 serial 2-bit g64", "calibrated K=2 parallel 2-bit g64",
+                 "search ≤2.6 bpw", "mlx-lm 2-bit g64", "mlx-lm mixed_2_6"):
+        assert want in names, want
+    for col in ("ppl", "ppl_lo", "ppl_hi", "kl", "top1", "bits_per_weight", "latency_ms", "note"):
+        assert col in df.columns
+    ours = df[df["source"] == "dupstudio"]
+    assert ours["ppl"].map(math.isfinite).all() and ours["latency_ms"].map(math.isfinite).all()
+    # an mlx-lm method that cannot run offline is a row with its reason
+    dwq = df[df["name"].str.contains("DWQ")].iloc[0]
+    assert math.isnan(dwq["ppl"]) and "hub" in dwq["note"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["schema_version"] == 1 and best["provenance"]["sweep"]["budget_bpw"] == 2.6
+    row = df[df["name"] == best["provenance"]["sweep"]["chosen"]].iloc[0]
+    assert row["bits_per_weight"] <= 2.6 + 1e-9
+    for png in ("ppl_vs_bpw.png", "ppl_vs_latency.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
