@@ -22,32 +22,122 @@ def register(subparsers) -> None:
     p.add_argument("--no-kl", action="store_true", help="skip the full-precision reference pass")
     p.add_argument("--json", action="store_true", help="print the result as JSON (top-level 'ppl')")
     p.add_argument("--save", action="store_true", help="store the result in the configuration's results")
+    p.add_argument("--stream", dest="stream", action="store_true", default=None,
+                   help="evaluate block by block with the model loaded lazily (low memory); "
+                        "default: stream only when the in-memory estimate exceeds available RAM")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="hold the whole model in memory")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under mlx.launch: seconds a rank waits for the others before giving up")
     p.set_defaults(func=run)
 
 
+def _open_lazy(source, quiet=False):
+    from dupstudio.commands.info import StderrProgress
+    from dupstudio.core.model_io import open_model
+
+    if quiet:
+        return open_model(source, lazy=True)
+    progress = StderrProgress()
+    try:
+        return open_model(source, lazy=True, progress=progress)
+    finally:
+        progress.close()
+
+
 def run(args) -> int:
-    from dupstudio.commands._common import load_config_and_model, open_model_quiet
+    from dupstudio.core import distributed as D
+
+    dist = D.init()  # a single process unless started by mlx.launch
+    if dist.size <= 1:
+        return _run(args, dist)
+    try:
+        return _run(args, dist)
+    except SystemExit:
+        raise
+    except Exception as e:  # one rank's error ends the run with its rank named
+        dist.fail(f"{type(e).__name__}: {' '.join(str(e).split())}", 2)
+
+
+def _run(args, dist) -> int:
+    import mlx.core as mx
+
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
     from dupstudio.core.evaluate import evaluate, make_windows, provenance, read_text, tokenize
+    from dupstudio.core.jobs import DupstudioError
     from dupstudio.core.model_io import model_shape
     from dupstudio.core.replicate import accounting, build
+    from dupstudio.core.streaming import (available_memory, estimate_peak_memory,
+                                          evaluate_streamed, human_bytes)
 
     text = read_text(args.text)
+    root = dist.is_root
+    cfg = None
     if args.config:
-        cfg, loaded = load_config_and_model(args.config, args.model)
-        model = build(loaded, cfg, args.mode)
+        cpath = Path(args.config)
+        if not cpath.is_file():
+            raise DupstudioError(f"{cpath}: no such configuration file")
+        try:
+            raw = json.loads(cpath.read_text(encoding="utf-8"))
+            src = (raw.get("model") or {}).get("source") if isinstance(raw, dict) else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            src = None
+        if args.model is None and src is None:
+            C.load(cpath)  # raises the precise error
+        source = args.model if args.model is not None else (None if src in ("", "default", None) else src)
+        loaded = _open_lazy(source, quiet=not root)
+        cfg = C.load(cpath, model_shape(loaded.config))
         bpw = accounting(cfg, model_shape(loaded.config))["bits_per_weight"]
-        ref = None if args.no_kl else loaded.model
     else:
-        cfg, loaded = None, open_model_quiet(args.model)
-        model, bpw, ref = loaded.model, 16.0, None
+        loaded = _open_lazy(args.model, quiet=not root)
+        bpw = 16.0
     windows = make_windows(tokenize(loaded.tokenizer, text), args.ctx, args.windows,
                            what=f"text {args.text}")
-    progress = StderrProgress()
-    r = evaluate(model, windows, reference=ref, batch_size=args.batch, progress=progress)
-    progress.close()
-    r.provenance = provenance(text, args.windows, args.ctx, mode=args.mode, text_path=str(args.text))
+    want_ref = cfg is not None and not args.no_kl
+    est = estimate_peak_memory(loaded.config, cfg, args.windows, args.ctx, batch=args.batch,
+                               reference=want_ref)
+    avail = available_memory()
+    stream = args.stream
+    if stream is None:
+        stream = est["eval_in_memory_bytes"] > avail
+    if root:
+        print(f"memory estimate: in memory {human_bytes(est['eval_in_memory_bytes'])}, streamed "
+              f"{human_bytes(est['eval_streamed_bytes'])}; available {human_bytes(avail)} -> "
+              f"{'streamed' if stream else 'in memory'}", file=sys.stderr)
+    if stream and args.mode != "simulate":
+        raise DupstudioError("--stream evaluates in simulate mode only (use --no-stream for deploy)")
+    progress = StderrProgress() if root else None
+    if stream:
+        def run_eval(_model, w, reference=None, **kw):
+            return evaluate_streamed(loaded, cfg, w, reference=reference is not None,
+                                     release=True, **kw)  # nothing uses the weights afterwards
+        model, ref = None, (loaded.model if want_ref else None)
+    else:
+        try:
+            mx.eval(loaded.model.parameters())
+        except Exception as e:
+            raise DupstudioError(f"{loaded.path}: corrupt weight file ({type(e).__name__}: {e})") from e
+        run_eval = evaluate
+        if cfg is not None:
+            model = build(loaded, cfg, args.mode)
+            ref = loaded.model if want_ref else None
+        else:
+            model, ref = loaded.model, None
+    if dist.size > 1:
+        from dupstudio.core.distributed import evaluate_distributed
+
+        r = evaluate_distributed(model, windows, dist, reference=ref, batch_size=args.batch,
+                                 progress=progress, evaluate_fn=run_eval, timeout_s=args.dist_timeout)
+    else:
+        r = run_eval(model, windows, reference=ref, batch_size=args.batch, progress=progress)
+    if progress is not None:
+        progress.close()
+    if not root:
+        return 0
+    extra = {"ranks": dist.size} if dist.size > 1 else {}
+    r.provenance = provenance(text, args.windows, args.ctx, mode=args.mode, text_path=str(args.text),
+                              streamed=bool(stream), **extra)
     d = r.to_dict()
     d.pop("window_nll")
     d["bits_per_weight"] = bpw
