@@ -1,5 +1,5 @@
 """The "this machine" hardware profile, measured by a short MLX micro-benchmark on the active
-backend (a few seconds), cached as JSON under ``dupstudio_home()/machine_profile.json``.
+backend (about 25 s on 2 CPU cores), cached as JSON under ``dupstudio_home()/machine_profile.json``.
 
 The measured profile has the same figures as ``resources/hardware_profiles.json`` (so
 :func:`dupstudio.core.roofline.predict` takes it as is); every figure's source says how it was
@@ -36,11 +36,20 @@ What is measured
   codes pays again (0: the codes stay in cache; 1: they are read from DRAM again); compute, the
   per-layer floor and the KV traffic are common to the three passes and cancel. ``r`` is reliable
   only when the cold penalty ``p_cold - p_hot`` stands above the timing noise (the result says
-  so); otherwise the profile keeps a neutral default and marks it an estimate. The floor is the
-  cold marginal pass minus its roofline time (what the roofline's ``passes x floor`` term stands
-  for), but never less than the pass's primitive count (from the graph) times the measured per-op
-  dispatch cost: when the block is compute-bound (the CPU backend) the residual drowns in the
-  uncertainty of the compute estimate, and the dispatch bound is the firmer figure.
+  so); otherwise the profile keeps a neutral default and marks it an estimate. The single-block
+  floor (the cold marginal pass minus its roofline time) is kept in ``meta`` only: on a shared
+  machine it drowns in the timing noise of one pass;
+* the matmul path as a model runs it (:func:`bench_path`), on the block shapes, with the weights
+  of many distinct blocks streaming instead of one cache-hot matrix: ``mx.quantized_matmul`` with
+  one row (decode) and many rows (prefill) per bits -> ``quantized_matmul_tflops_by_phase``, the
+  figures the roofline divides by (on the CPU the cache-hot square figure is ~2x too optimistic);
+  float GEMMs with tens of rows (weight-streaming bound) -> ``prefill_float_bandwidth_fraction``
+  and with more rows (arithmetic bound) -> ``float_matmul_tflops_by_phase["prefill"]``;
+* the per-layer floor (:func:`bench_layer_floor`): a chain of 16 distinct real blocks evaluated as
+  one graph minus the same blocks' linears alone, median of paired repetitions, per block, pooled
+  over quantized and float blocks, at least the op count x the per-op dispatch cost; and the same
+  with a prefill chunk of many rows (128 on the CPU) on float blocks -> ``layer_row_us``, the cost
+  of every row beyond the first (norms, RoPE, attention, activations).
 """
 from __future__ import annotations
 
@@ -69,12 +78,18 @@ SMOLLM2_BLOCK = {"hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, 
 # Sizes per backend: the CPU backend is slow at quantized matmul (no BLAS path), so it gets small shapes.
 SIZES = {
     "cpu": {"stream_bytes": 128 * MIB, "matmul_n": 1024, "qmv_kn": 2048, "qmm_kn": 1024, "qmm_m": 32,
-            "block_trials": 5, "max_flush_bytes": 256 * MIB},
+            "block_trials": 5, "max_flush_bytes": 256 * MIB,
+            "path_min_bytes": 24 * MIB, "path_max_blocks": 32, "path_prefill_blocks": 2,
+            "floor_blocks": 16, "floor_row_blocks": 4, "floor_repeats": 11, "floor_row_repeats": 7},
     "gpu": {"stream_bytes": 512 * MIB, "matmul_n": 4096, "qmv_kn": 4096, "qmm_kn": 4096, "qmm_m": 512,
-            "block_trials": 9, "max_flush_bytes": 1024 * MIB},
+            "block_trials": 9, "max_flush_bytes": 1024 * MIB,
+            "path_min_bytes": 256 * MIB, "path_max_blocks": 256, "path_prefill_blocks": 8,
+            "floor_blocks": 16, "floor_row_blocks": 8, "floor_repeats": 9, "floor_row_repeats": 5},
     # tests: structure only
     "tiny": {"stream_bytes": 1 * MIB, "matmul_n": 64, "qmv_kn": 128, "qmm_kn": 128, "qmm_m": 4,
-             "block_trials": 2, "max_flush_bytes": 1 * MIB},
+             "block_trials": 2, "max_flush_bytes": 1 * MIB,
+             "path_min_bytes": 0, "path_max_blocks": 1, "path_prefill_blocks": 1,
+             "floor_blocks": 2, "floor_row_blocks": 1, "floor_repeats": 2, "floor_row_repeats": 2},
 }
 
 
@@ -246,6 +261,64 @@ def bench_quantized_matmul(bits: int, k: int = 2048, n: int = 2048, m: int = 1, 
             "tflops": 2 * m * k * n / t / 1e12, "weight_gbs": wbytes / t / 1e9}
 
 
+def _block_mats(shape: dict) -> list[tuple[int, int]]:
+    """(out, in) of the seven linears of one llama block."""
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    q, kv = shape["num_heads"] * shape["head_dim"], shape["num_kv_heads"] * shape["head_dim"]
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+
+def bench_path(bits: Optional[int], m: int = 1, shape: Optional[dict] = None, group_size: int = 64,
+               min_bytes: int = 24 * MIB, max_blocks: int = 32, min_blocks: int = 1, repeats: int = 3,
+               cancel: Optional[CancelToken] = None) -> dict:
+    """The matmul path as a model runs it: the seven linears of ``n`` distinct llama blocks of
+    ``shape`` (default: the default model's), ``m`` activation rows each, all in one ``mx.eval``
+    (one graph, as a forward pass), with enough distinct blocks (``min_bytes`` of weights, at most
+    ``max_blocks``) that the weights stream through the memory hierarchy as a model's layers do
+    instead of staying in a private cache. ``bits``: quantized (``mx.quantized_matmul``, fp16-rounded
+    scales in the compute dtype) or None: float weights in the compute dtype (``x @ W.T``).
+
+    Returns TFLOPS (FLOPs / time) and weight GB/s (weight bytes / time): on the CPU backend the
+    quantized kernel is compute-bound at a few GFLOP/s, and a float GEMM with few rows (tens) is
+    bound by streaming (packing) its weights, with more rows by arithmetic below the square-matmul
+    peak."""
+    import mlx.core as mx
+
+    shape = dict(shape or SMOLLM2_BLOCK)
+    dt = _compute_dtype()
+    mats = _block_mats(shape)
+    n_w = sum(o * i for o, i in mats)
+    per_block = n_w * (bits / 8 + 4 / group_size * (dt.size / 2)) if bits else n_w * dt.size
+    nb = int(min(max_blocks, max(min_blocks, math.ceil(min_bytes / per_block))))
+    mx.random.seed(7)
+    weights = []
+    for _ in range(nb):
+        for o, i in mats:
+            w = mx.random.normal((o, i)).astype(dt) * 0.02
+            if bits:
+                wq, sc, bi = mx.quantize(w, group_size=group_size, bits=bits)
+                weights.append((i, (wq, sc.astype(mx.float16).astype(dt), bi.astype(mx.float16).astype(dt))))
+            else:
+                weights.append((i, (w,)))
+            mx.eval(weights[-1][1])
+    xs = {i: mx.random.normal((m, i)).astype(dt) for i in {i for _, i in mats}}
+    mx.eval(list(xs.values()))
+
+    def run():
+        if bits:
+            outs = [mx.quantized_matmul(xs[i], *w, transpose=True, group_size=group_size, bits=bits)
+                    for i, w in weights]
+        else:
+            outs = [xs[i] @ w[0].T for i, w in weights]
+        mx.eval(outs)
+
+    t = _best_time(run, repeats, cancel=cancel)
+    wbytes = sum(sum(a.nbytes for a in w) for _, w in weights)
+    del weights
+    return {"bits": bits, "m": m, "blocks": nb, "shape": shape, "group_size": group_size, "seconds": t,
+            "tflops": 2 * m * n_w * nb / t / 1e12, "weight_bytes": wbytes, "weight_gbs": wbytes / t / 1e9}
+
+
 def bench_dispatch(chain_lengths: Sequence[int] = (1, 16, 64), repeats: int = 15,
                    cancel: Optional[CancelToken] = None) -> dict:
     """Time per ``mx.eval`` of a chain of N tiny elementwise ops; least-squares fit
@@ -293,6 +366,83 @@ def _make_block(shape: dict, bits: int, group_size: int, seed: int):
     mx.eval(blk.parameters())
     nbytes = sum(v.nbytes for _, v in tree_flatten(blk.parameters()))
     return blk, nbytes
+
+
+def bench_layer_floor(shape: Optional[dict] = None, bits: Optional[int] = 2, group_size: int = 64,
+                      n_blocks: int = 8, rows: int = 1, context: int = 16, repeats: int = 5,
+                      cancel: Optional[CancelToken] = None) -> dict:
+    """The per-layer cost that the matmuls do not explain, measured on a chain of ``n_blocks``
+    distinct real llama blocks (mlx-lm ``TransformerBlock``; quantized with ``mlx.nn.quantize`` at
+    ``bits``, or float with None), ``rows`` tokens per pass (1: a decode step with ``context``
+    positions in the KV cache; more: a prefill chunk from an empty cache, causal mask), evaluated as
+    one graph like a model's forward pass, against the same blocks' seven linears alone (same
+    arrays, same inputs' shapes, one graph, each after the previous one as in the model).
+    Repetitions alternate the two; the floor is the median of the paired differences /
+    ``n_blocks``: norms, RoPE, attention, activations, residual adds, graph building and dispatch,
+    i.e. what the roofline's per-pass floor term stands for. A chain of many blocks, not the
+    marginal pass of one, keeps the estimate above the timing noise of a shared machine."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    shape = dict(shape or SMOLLM2_BLOCK)
+    dt = _compute_dtype()
+    blks = [_make_block(shape, bits if bits else 16, group_size, seed=100 + j)[0] for j in range(max(1, n_blocks))]
+    kvh, hd = shape["num_kv_heads"], shape["head_dim"]
+    cap = 256 * math.ceil((context + 1) / 256)
+
+    def new_cache():
+        c = KVCache()
+        if rows == 1 and context > 0:
+            c.keys = mx.random.normal((1, kvh, cap, hd)).astype(dt)
+            c.values = mx.random.normal((1, kvh, cap, hd)).astype(dt)
+            c.offset = context
+        return c
+
+    caches = [new_cache() for _ in blks]
+    mx.eval([c.keys for c in caches if c.keys is not None], [c.values for c in caches if c.values is not None])
+    x = mx.random.normal((1, rows, shape["hidden_size"])).astype(dt)
+    xi = mx.random.normal((1, rows, shape["intermediate_size"])).astype(dt)
+    xq = mx.random.normal((1, rows, shape["num_heads"] * hd)).astype(dt)
+    mx.eval(x, xi, xq)
+    mask = "causal" if rows > 1 else None
+
+    def full():
+        for c in caches:
+            if rows == 1:
+                c.offset = context
+            else:
+                c.keys = c.values = None
+                c.offset = 0
+        t0 = time.perf_counter()
+        h = x
+        for b, c in zip(blks, caches):
+            h = b(h, mask, cache=c)
+        mx.eval(h)
+        return time.perf_counter() - t0
+
+    def mm():  # the linears in the model's order, each after the previous one (mx.depends)
+        t0 = time.perf_counter()
+        prev = None
+        for b in blks:
+            a, f = b.self_attn, b.mlp
+            for lin, inp in ((a.q_proj, x), (a.k_proj, x), (a.v_proj, x), (a.o_proj, xq), (f.gate_proj, x),
+                             (f.up_proj, x), (f.down_proj, xi)):
+                prev = lin(inp if prev is None else mx.depends(inp, prev))
+        mx.eval(prev)
+        return time.perf_counter() - t0
+
+    full(), mm()  # warm up
+    t_full, t_mm = [], []
+    for _ in range(max(1, repeats)):
+        if cancel is not None:
+            cancel.check()
+        t_full.append(full())
+        t_mm.append(mm())
+    n = len(blks)
+    diffs = [(a - b) / n for a, b in zip(t_full, t_mm)]
+    return {"bits": bits, "rows": rows, "context": context, "blocks": n, "shape": shape,
+            "full_s": statistics.median(t_full) / n, "matmuls_s": statistics.median(t_mm) / n,
+            "floor_s": max(0.0, statistics.median(diffs)), "diffs_s": diffs}
 
 
 def _flusher(nbytes: int):
@@ -438,7 +588,7 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
     flush_bytes = int(min(sz["max_flush_bytes"], max(2 * (llc or 32 * MIB), 32 * MIB)))
     if sizes == "tiny":
         flush_bytes = sz["max_flush_bytes"]
-    steps = 5 + len(bits)
+    steps = 7 + len(bits)
     done = [0]
 
     def step(msg):
@@ -457,13 +607,40 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
         qmm.append(bench_quantized_matmul(b, sz["qmv_kn"], sz["qmv_kn"], 1, group_size, cancel=cancel))
         qmm.append(bench_quantized_matmul(b, sz["qmm_kn"], sz["qmm_kn"], sz["qmm_m"], group_size, cancel=cancel))
     q_by_bits = {b: max(r["tflops"] for r in qmm if r["bits"] == b) for b in bits}
+    step("the matmul path as a model streams it")
+    # per phase, on the model's block shapes with its weights streaming (not cache-hot): decode runs
+    # one-row products, prefill many-row ones; the phase figures are what the roofline uses
+    path_kw = dict(shape=block_shape, group_size=group_size, min_bytes=sz["path_min_bytes"],
+                   max_blocks=sz["path_max_blocks"], cancel=cancel)
+    pre_kw = dict(path_kw, min_bytes=0, max_blocks=sz["path_prefill_blocks"], min_blocks=sz["path_prefill_blocks"])
+    path = {"decode": {b: bench_path(b, 1, **path_kw) for b in bits},
+            "prefill": {b: bench_path(b, sz["qmm_m"], **pre_kw) for b in bits},
+            "float_decode": bench_path(None, 1, **path_kw),
+            # a float GEMM with few rows is bound by streaming (packing) its weights, with many rows by
+            # arithmetic: the first gives the prefill float bandwidth fraction, the second the rate
+            "float_prefill": bench_path(None, sz["qmm_m"], **pre_kw),
+            "float_prefill_rows": bench_path(None, 4 * sz["qmm_m"], **pre_kw)}
+    q_by_phase = {ph: {b: path[ph][b]["tflops"] for b in bits} for ph in ("decode", "prefill")}
     step("dispatch cost")
     disp = bench_dispatch(cancel=cancel)
+    step("per-layer floor")
+    floor_dec = bench_layer_floor(block_shape, min(bits), group_size, n_blocks=sz["floor_blocks"], rows=1,
+                                  repeats=sz["floor_repeats"], cancel=cancel)
+    # the per-row part (prefill chunks of many tokens) on float blocks: the non-matmul work is the same
+    # whatever the linears are, and float blocks are quick to run with many rows on every backend
+    floor_f1 = bench_layer_floor(block_shape, None, group_size, n_blocks=sz["floor_blocks"], rows=1,
+                                 repeats=sz["floor_repeats"], cancel=cancel)
+    # a prefill chunk of 4 x qmm_m rows (128 on the CPU), as the float GEMM rate: the per-row cost grows
+    # once a chunk's activations leave the private caches, so a short chunk would understate it
+    row_n = 4 * sz["qmm_m"]
+    floor_rows = bench_layer_floor(block_shape, None, group_size, n_blocks=sz["floor_row_blocks"],
+                                   rows=row_n, repeats=sz["floor_row_repeats"], cancel=cancel)
+    row_us = max(0.0, (floor_rows["floor_s"] - floor_f1["floor_s"]) / max(1, row_n - 1)) * 1e6
     blocks = []
     for b in bits:
         step(f"decode step of a {b}-bit llama block")
         blocks.append(bench_block(block_shape, b, group_size, trials=sz["block_trials"], flush_bytes=flush_bytes,
-                                  bandwidth_gbs=bw["best_gbs"], quantized_tflops=q_by_bits[b],
+                                  bandwidth_gbs=bw["best_gbs"], quantized_tflops=q_by_phase["decode"][b],
                                   per_op_us=disp["per_op_us"], cancel=cancel))
     step("done")
 
@@ -476,11 +653,14 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
                         {"source": "not measured: float16 is not the compute dtype on the CPU backend; "
                                    "copies the float32 figure", "estimate": True}),
         "quantized_matmul_tflops": m("mx.quantized_matmul, best of decode (1 row) and prefill shapes, "
-                                     f"{'/'.join(map(str, bits))} bits g{group_size}; the lowest-bits figure"),
+                                     f"{'/'.join(map(str, bits))} bits g{group_size}; the lowest-bits figure "
+                                     "(cache-hot square matrices; the roofline uses the per-phase figures "
+                                     "measured on the model's block shapes, streamed)"),
         "achievable_bandwidth_fraction": {"source": "1.0: the bandwidth figure is already a measured, "
                                                     "achieved streaming rate", "estimate": False},
-        "achievable_bandwidth_fraction_fp16": {"source": "1.0: the bandwidth figure is already a measured, "
-                                                         "achieved streaming rate", "estimate": False},
+        "achievable_bandwidth_fraction_fp16": m(
+            "float GEMV streaming rate / the bandwidth figure (the float decode path is a GEMV): "
+            "{:.2f} / {:.2f} GB/s".format(bw["gemv_gbs"], bw["best_gbs"])),
     }
     if llc:
         cache_mb = llc / MIB
@@ -488,11 +668,14 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
     else:
         cache_mb = 8.0
         sources["cache_mb"] = {"source": "not detected; 8 MiB assumed", "estimate": True}
-    floors = [bk["floor_s"] * 1e6 for bk in blocks]  # the smallest: least disturbed by other load
+    # the floor: a chain of real blocks minus the same blocks' matmuls (bench_layer_floor), at least the
+    # block's op count x the per-op dispatch cost (bench_block's single-block residual is kept in meta)
+    pooled = statistics.median(floor_dec["diffs_s"] + floor_f1["diffs_s"])  # quantized and float chains alike
+    floor_us = max(pooled, max(bk["floor_dispatch_s"] for bk in blocks)) * 1e6
     sources["layer_floor_us"] = m(
-        "cold marginal decode pass of a llama block ({}) minus its roofline time, at least the block's op "
-        "count x the per-op dispatch cost; smallest over {} bits".format(_shape_str(blocks[0]["shape"]),
-                                                                         "/".join(map(str, bits))))
+        "decode step of a chain of {} distinct llama blocks ({}; {}-bit and float) minus the same blocks' "
+        "linears alone, median of the paired repetitions, per block; at least the op count x the per-op "
+        "dispatch cost".format(floor_dec["blocks"], _shape_str(floor_dec["shape"]), min(bits)))
     # second-pass ratio: assign to in-cache or spill by whether the block fits the LLC
     rel = [bk for bk in blocks if bk["reliable"]]
     fits = all(bk["weight_bytes"] <= cache_mb * MIB for bk in blocks)
@@ -523,6 +706,8 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
         "duration_s": round(time.perf_counter() - t_start, 2),
         "sizes": sizes or ("cpu" if be == "cpu" else "gpu"),
         "measurements": {"bandwidth": bw, "matmul_fp32": mm32, "matmul_fp16": mm16, "quantized_matmul": qmm,
+                         "path": path, "floor": {"decode": floor_dec, "float_rows_1": floor_f1,
+                                                 "float_rows": floor_rows, "row_us": row_us},
                          "dispatch": disp, "blocks": blocks, "last_level_cache": {"bytes": llc, "source": llc_src}},
     }
     prof = HardwareProfile(
@@ -530,10 +715,15 @@ def measure(progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken]
         compute_dtype="float32" if be == "cpu" else "float16", cache_name="LLC",
         bandwidth_gbs=bw["best_gbs"], fp32_tflops=mm32["tflops"],
         fp16_tflops=(mm16 or mm32)["tflops"], quantized_matmul_tflops=q_by_bits[min(bits)],
-        cache_mb=cache_mb, achievable_bandwidth_fraction=1.0, achievable_bandwidth_fraction_fp16=1.0,
-        layer_floor_us=min(floors), second_pass_ratio_in_cache=ratios["second_pass_ratio_in_cache"],
+        cache_mb=cache_mb, achievable_bandwidth_fraction=1.0,
+        achievable_bandwidth_fraction_fp16=min(1.0, bw["gemv_gbs"] / bw["best_gbs"]),
+        prefill_float_bandwidth_fraction=min(1.0, path["float_prefill"]["weight_gbs"] / bw["best_gbs"]),
+        layer_floor_us=floor_us, layer_row_us=row_us,
+        float_matmul_tflops_by_phase={"prefill": path["float_prefill_rows"]["tflops"]},
+        second_pass_ratio_in_cache=ratios["second_pass_ratio_in_cache"],
         second_pass_ratio_spill=ratios["second_pass_ratio_spill"],
-        quantized_matmul_tflops_by_bits=q_by_bits, sources=sources, meta=meta)
+        quantized_matmul_tflops_by_bits=q_by_bits, quantized_matmul_tflops_by_phase=q_by_phase,
+        sources=sources, meta=meta)
     progress(1.0, f"machine profile measured in {meta['duration_s']} s")
     return prof
 

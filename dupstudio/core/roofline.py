@@ -9,17 +9,21 @@ Prediction, per phase (decode one token at ``context``; prefill ``prefill_tokens
 
     bandwidth_ms = quantized_bytes / (f_q * BW) + other_bytes / (f_16 * BW)
     compute_ms   = sum over paths of FLOPs / peak(path)
-    predicted_ms = max(bandwidth_ms, compute_ms) + passes * layer_floor
+    predicted_ms = max(bandwidth_ms, compute_ms) + passes * layer_floor [+ extra rows * layer_row]
 
 (``predicted_per_component_ms`` takes the max per component, each block and the embedding/head,
 and sums: the better figure where bandwidth-bound and compute-bound kernels take turns without
 overlapping, as on the CPU backend.)
 
 ``f_q`` / ``f_16`` are the profile's achievable-bandwidth fractions for quantized weights and for
-everything else (float weights, KV cache, norms); ``peak(path)`` is the quantized-matmul
-throughput for quantized matrices (deploy mode runs ``quantized_matmul``) and the float peak of the
+everything else (float weights, KV cache, norms; in prefill ``prefill_float_bandwidth_fraction``
+where the profile has one); ``peak(path)`` is the quantized-matmul throughput for quantized
+matrices (deploy mode runs ``quantized_matmul``; the phase's figure, one-row decode or many-row
+prefill, where the profile has ``quantized_matmul_tflops_by_phase``) and the float peak of the
 profile's compute dtype otherwise (attention, float blocks). ``passes`` counts decoder-layer passes,
-every replica pass included; the floor is per layer pass (it was derived that way).
+every replica pass included; the floor is per layer pass (it was derived that way). Where the profile
+has ``layer_row_us`` (a measured machine profile), a prefill chunk of ``c`` rows also costs
+``(c - 1) x layer_row_us`` per layer pass: the non-matmul work that grows with the rows.
 
 Replica passes (K > 1) re-run one block over the same packed codes; each replica reads its own
 parameters (by default a full set of fp16 per-group scales and biases) and its own KV cache. Three
@@ -32,7 +36,8 @@ assumptions for the shared codes of the extra passes:
   fits (``second_pass_ratio_in_cache``) or does not fit (``second_pass_ratio_spill``) the cache.
 
 Not modelled: activations traffic (small at decode; matters for long prefills), elementwise FLOPs
-(norms, RoPE, SiLU, softmax), sampling, Python overhead outside the per-layer floor.
+(norms, RoPE, SiLU, softmax), sampling, Python overhead outside the per-layer floor -- except as
+far as the measured floor and row terms hold them.
 """
 from __future__ import annotations
 
@@ -94,6 +99,19 @@ class HardwareProfile:
     cache_name: str = "LLC"
     # optional per-bits quantized throughput (TFLOPS), e.g. measured at 2 and 4 bits
     quantized_matmul_tflops_by_bits: dict = field(default_factory=dict)
+    # optional per-phase, per-bits quantized throughput: {"decode": {bits: TFLOPS}, "prefill": {...}}
+    # (decode runs one-row products, prefill many-row ones; on the CPU backend their rates differ)
+    quantized_matmul_tflops_by_phase: dict = field(default_factory=dict)
+    # optional: the float weights' bandwidth fraction in prefill (many-row GEMMs), where it differs from
+    # the decode GEMV's (``achievable_bandwidth_fraction_fp16``); measured on the CPU backend, where a
+    # GEMM with few rows is bound by packing its weights
+    prefill_float_bandwidth_fraction: Optional[float] = None
+    # optional: per-layer-pass cost of every token row beyond the first (norms, RoPE, attention,
+    # activations of a prefill chunk), microseconds; ``layer_floor_us`` is the cost of a one-row pass
+    layer_row_us: float = 0.0
+    # optional per-phase float matmul throughput (TFLOPS), e.g. {"prefill": GEMM rate at the model's block
+    # shapes with many rows}; default: the float peak of the compute dtype
+    float_matmul_tflops_by_phase: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # figure -> {"source", "estimate"[, "note"]}
     meta: dict = field(default_factory=dict)  # measured profiles: date, MLX version, backend, ...
 
@@ -115,7 +133,19 @@ class HardwareProfile:
         """Peak of the float path in the profile's compute dtype."""
         return self.fp32_tflops if self.compute_dtype == "float32" else self.fp16_tflops
 
-    def quantized_tflops(self, bits: int) -> float:
+    def float_tflops_for(self, phase: Optional[str] = None) -> float:
+        """Float matmul peak of ``phase`` where the profile has one, else :attr:`float_tflops`."""
+        v = (self.float_matmul_tflops_by_phase or {}).get(phase) if phase else None
+        return float(v) if v else self.float_tflops
+
+    def quantized_tflops(self, bits: int, phase: Optional[str] = None) -> float:
+        """Quantized-matmul peak at ``bits``; ``phase`` "decode" (one row) or "prefill" (many rows)
+        picks the phase's measured figure where the profile has one."""
+        if phase:
+            ph = (self.quantized_matmul_tflops_by_phase or {}).get(phase) or {}
+            v = ph.get(bits, ph.get(str(bits)))
+            if v:
+                return float(v)
         by = self.quantized_matmul_tflops_by_bits or {}
         v = by.get(bits, by.get(str(bits)))
         return float(v) if v else self.quantized_matmul_tflops
@@ -138,9 +168,19 @@ class HardwareProfile:
         by_bits = {}
         for k, fig in (d.get("quantized_matmul_tflops_by_bits") or {}).items():
             by_bits[int(k)] = float(fig["value"] if isinstance(fig, dict) else fig)
+        by_phase = {}
+        for ph, figs in (d.get("quantized_matmul_tflops_by_phase") or {}).items():
+            if isinstance(figs, dict):
+                by_phase[str(ph)] = {int(k): float(v["value"] if isinstance(v, dict) else v)
+                                     for k, v in figs.items()}
         return cls(name=name, label=d.get("label", name), compute_dtype=d.get("compute_dtype", "float16"),
                    kind=d.get("kind", ""), cache_name=d.get("cache_name", "LLC"),
-                   quantized_matmul_tflops_by_bits=by_bits, sources=sources,
+                   quantized_matmul_tflops_by_bits=by_bits, quantized_matmul_tflops_by_phase=by_phase,
+                   prefill_float_bandwidth_fraction=_opt_value(d.get("prefill_float_bandwidth_fraction")),
+                   layer_row_us=_opt_value(d.get("layer_row_us")) or 0.0,
+                   float_matmul_tflops_by_phase={str(k): float(v["value"] if isinstance(v, dict) else v)
+                                                 for k, v in (d.get("float_matmul_tflops_by_phase") or {}).items()},
+                   sources=sources,
                    meta=dict(d.get("meta") or {}), **kw)
 
     def to_json(self) -> dict:
@@ -152,9 +192,25 @@ class HardwareProfile:
         if self.quantized_matmul_tflops_by_bits:
             out["quantized_matmul_tflops_by_bits"] = {
                 str(k): v for k, v in self.quantized_matmul_tflops_by_bits.items()}
+        if self.quantized_matmul_tflops_by_phase:
+            out["quantized_matmul_tflops_by_phase"] = {
+                ph: {str(k): v for k, v in figs.items()}
+                for ph, figs in self.quantized_matmul_tflops_by_phase.items()}
+        if self.prefill_float_bandwidth_fraction is not None:
+            out["prefill_float_bandwidth_fraction"] = self.prefill_float_bandwidth_fraction
+        if self.layer_row_us:
+            out["layer_row_us"] = self.layer_row_us
+        if self.float_matmul_tflops_by_phase:
+            out["float_matmul_tflops_by_phase"] = dict(self.float_matmul_tflops_by_phase)
         if self.meta:
             out["meta"] = self.meta
         return out
+
+
+def _opt_value(v) -> Optional[float]:
+    if isinstance(v, dict):
+        v = v.get("value")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
 
 
 def validate_profile(name: str, d: dict) -> list[str]:
@@ -248,8 +304,9 @@ def default_profile_name(path: Optional[Path] = None) -> str:
 
 def get_profile(name: Optional[str] = None, path: Optional[Path] = None) -> HardwareProfile:
     """A named profile (None: the file's default, Apple M1 Pro). ``machine`` / ``this-machine``:
-    the cached measured profile (measure it first with ``machine_profile.load_or_measure``)."""
-    if name in MACHINE_PROFILE_NAMES:
+    the cached measured profile (measure it first with ``machine_profile.load_or_measure``).
+    Names resolve as :func:`resolve_profile_name` says (``m1-pro`` = ``apple-m1-pro``)."""
+    if name is not None and str(name).strip().lower().replace(" ", "-") in MACHINE_PROFILE_NAMES:
         from dupstudio.core import machine_profile
 
         prof = machine_profile.load_cached()
@@ -258,11 +315,27 @@ def get_profile(name: Optional[str] = None, path: Optional[Path] = None) -> Hard
                                  "micro-benchmark (machine_profile.load_or_measure)")
         return prof
     doc = load_profiles_doc(path)
-    name = name or doc["default"]
-    if name not in doc["profiles"]:
-        raise DupstudioError(f"unknown hardware profile {name!r}; known: "
-                             f"{', '.join(sorted(doc['profiles']))}, {MACHINE_PROFILE_NAMES[0]}")
+    name = resolve_profile_name(name or doc["default"], doc)
     return HardwareProfile.from_json(name, doc["profiles"][name])
+
+
+def resolve_profile_name(name: str, doc: Optional[dict] = None) -> str:
+    """The profile key ``name`` means: exact, case-insensitive, or without the vendor prefix
+    (``m1-pro`` = ``apple-m1-pro``, ``h100-sxm`` = ``nvidia-h100-sxm``); ``machine`` stays itself.
+    Raises DupstudioError listing the known names."""
+    if name in MACHINE_PROFILE_NAMES:
+        return name
+    doc = doc or load_profiles_doc()
+    profiles = doc["profiles"]
+    key = str(name).strip().lower().replace("_", "-").replace(" ", "-")
+    if key in MACHINE_PROFILE_NAMES:
+        return key
+    for cand in (key, f"apple-{key}", f"nvidia-{key}"):
+        if cand in profiles:
+            return cand
+    raise DupstudioError(f"unknown hardware profile {name!r}; known: "
+                         f"{', '.join(sorted(profiles))}, {MACHINE_PROFILE_NAMES[0]} "
+                         f"(the vendor prefix may be left out, e.g. m1-pro)")
 
 
 def _as_profile(profile: Union[HardwareProfile, str, None]) -> HardwareProfile:
@@ -334,14 +407,15 @@ class BlockPlan:
     ``bits``: 16 (or 32) = float weights; 2-8 = affine quantized with one fp16 scale and bias per
     ``group_size`` weights. ``replicas``: K passes over the same codes (``mode`` serial or parallel;
     both run K passes). ``replica_param_values``: 16-bit values each additional replica stores for
-    the whole block; 0 = a full set of per-group scales and biases for every matrix (for float
-    blocks: nothing)."""
+    the whole block (may be fractional: an average over replicas that differ, see
+    :func:`plans_from_config`); 0 = a full set of per-group scales and biases for every matrix (for
+    float blocks: nothing)."""
 
     bits: int = 16
     group_size: int = 64
     replicas: int = 1
     mode: str = "serial"
-    replica_param_values: int = 0
+    replica_param_values: float = 0
 
     @property
     def quantized(self) -> bool:
@@ -384,6 +458,60 @@ class EmbedPlan:
         if self.quantized and (self.group_size not in GROUP_SIZES or hidden % self.group_size):
             raise DupstudioError(f"{where}: group size {self.group_size} must divide the hidden size {hidden}")
         return self
+
+
+def plans_from_config(cfg: Any, shape: dict, *, float_bits: int = 16,
+                      as_built: bool = False) -> tuple[list["BlockPlan"], "EmbedPlan"]:
+    """A configuration (:class:`dupstudio.core.config.Config`) as roofline plans, exactly.
+
+    Per block: its bits and group size (defaults applied), K and mode, and
+    ``replica_param_values`` = the 16-bit values the extra replicas store, per extra replica:
+
+    * per-group scale + bias for every matrix (``group`` granularity): 2 x out x (in / group);
+    * 2 per output row (``channel`` granularity: ``ch_scale`` and ``ch_offset``): 2 x out;
+    * the vectors present in ``cfg.tensors`` for that replica: row gains (out per matrix) and
+      the tied column gains (attn: hidden, mlp: hidden, o: kv_heads x head_dim, down: intermediate);
+    * its gain (α for serial, w for parallel): 1.
+
+    The total over the K - 1 extra replicas is exact; ``replica_param_values`` is that total / (K - 1)
+    (a fraction when the replicas differ; the model multiplies it back by K - 1). The primary
+    replica's own gains and the block's residual gain fold into its scales / norms at deployment and
+    are not replica parameters.
+
+    ``as_built``: count what ``replicate.build(..., "deploy")`` materialises instead of what the
+    configuration stores: every replica holds a full set of fp16 per-group scales and biases (channel
+    parameters, row and column gains fold into them; gains are Python scalars).
+
+    The embedding plan: ``cfg.embedding.bits`` (None: float at ``float_bits``, 16 for the float16
+    deployment of the published profiles, 32 for the CPU backend's float32)."""
+    shape = check_shape(shape)
+    mats = block_matrices(shape)
+    col_len = {"attn": shape["hidden_size"], "mlp": shape["hidden_size"],
+               "o": shape["num_kv_heads"] * shape["head_dim"], "down": shape["intermediate_size"]}
+    tensors = getattr(cfg, "tensors", None) or {}
+    if len(cfg.blocks) != shape["num_blocks"]:
+        raise DupstudioError(f"the configuration has {len(cfg.blocks)} blocks, the model {shape['num_blocks']}")
+    plans = []
+    for k, b in enumerate(cfg.blocks):
+        bits, g = cfg.block_quant(k)[:2]
+        K = int(b.replicas)
+        full = sum(2 * o * (i // g) for o, i in mats.values())
+        total = 0
+        for i in range(1, K):
+            if as_built:
+                total += full
+                continue
+            r = b.replica[i]
+            total += full if r.granularity == "group" else sum(2 * o for o, _ in mats.values())
+            total += sum(o for m, (o, _) in mats.items() if f"b{k}.r{i}.{m}.row_gain" in tensors)
+            total += sum(n for c, n in col_len.items() if f"b{k}.r{i}.col.{c}" in tensors)
+            total += 1  # α_i or w_i
+        values = 0 if K == 1 else (total // (K - 1) if total % (K - 1) == 0 else total / (K - 1))
+        plans.append(BlockPlan(bits=int(bits), group_size=int(g), replicas=K, mode=b.mode,
+                               replica_param_values=values))
+    e = cfg.embedding
+    embed = EmbedPlan(bits=int(e.bits) if e.bits is not None else int(float_bits), group_size=int(e.group_size))
+    return plans, embed
 
 
 def uniform_plan(shape: dict, bits: int = 16, group_size: int = 64, replicas: int = 1,
@@ -531,17 +659,21 @@ RatioArg = Union[None, float, Callable[[float], float]]
 class _Phase:
     """Accumulates one phase under one assumption, component by component."""
 
-    def __init__(self, prof: HardwareProfile):
+    def __init__(self, prof: HardwareProfile, float_fraction: Optional[float] = None):
         self.prof = prof
+        self.f16 = float_fraction or prof.achievable_bandwidth_fraction_fp16
         self.q = self.f = self.flops = 0.0
         self.bandwidth_s = self.compute_s = self.component_sum_s = 0.0
 
-    def add(self, q_bytes: float = 0.0, f_bytes: float = 0.0, flops: Sequence[tuple[float, float]] = ()):
+    def add(self, q_bytes: float = 0.0, f_bytes: float = 0.0, flops: Sequence[tuple[float, float]] = (),
+            gemv: bool = False):
         """One component (a block's passes, the embedding, the head): bytes at the quantized and the
-        float bandwidth fraction, and (peak TFLOPS, FLOPs) pairs."""
+        float bandwidth fraction, and (peak TFLOPS, FLOPs) pairs. ``gemv``: the float bytes are read by
+        one-row products (the head of the last prompt position) even in prefill."""
         bw = self.prof.bandwidth_bytes_per_s
+        f16 = self.prof.achievable_bandwidth_fraction_fp16 if gemv else self.f16
         b_s = q_bytes / (self.prof.achievable_bandwidth_fraction * bw) + \
-            f_bytes / (self.prof.achievable_bandwidth_fraction_fp16 * bw)
+            f_bytes / (f16 * bw)
         c_s = sum(n / (peak * 1e12) for peak, n in flops if n)
         self.q += q_bytes
         self.f += f_bytes
@@ -550,8 +682,8 @@ class _Phase:
         self.compute_s += c_s
         self.component_sum_s += max(b_s, c_s)
 
-    def estimate(self, phase: str, assumption: str, tokens: int, passes: int) -> "Estimate":
-        overhead_s = passes * self.prof.layer_floor_s
+    def estimate(self, phase: str, assumption: str, tokens: int, passes: int, extra_rows: int = 0) -> "Estimate":
+        overhead_s = passes * self.prof.layer_floor_s + extra_rows * self.prof.layer_row_us * 1e-6
         core = max(self.bandwidth_s, self.compute_s)
         return Estimate(phase=phase, assumption=assumption, tokens=tokens, bytes=self.q + self.f,
                         quantized_bytes=self.q, flops=self.flops, passes=passes,
@@ -604,13 +736,16 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
     mats = block_matrices(shape)
     n_lin = sum(o * i for o, i in mats.values())
     float_peak = prof.float_tflops
+    float_peak_pre = prof.float_tflops_for("prefill")
     kv_row = 2 * kvh * hd * kv_bytes  # K and V of one position, one pass
     P = int(prefill_tokens)
     chunks = max(1, math.ceil(P / prefill_chunk)) if P else 0
     chunk_ends = [min(P, (j + 1) * prefill_chunk) for j in range(chunks)]
 
-    acc = {(ph, a): _Phase(prof) for ph in PHASES for a in ASSUMPTIONS}
+    acc = {(ph, a): _Phase(prof, prof.prefill_float_bandwidth_fraction if ph == "prefill" else None)
+           for ph in PHASES for a in ASSUMPTIONS}
     passes = {ph: 0 for ph in PHASES}
+    extra_rows = {ph: 0 for ph in PHASES}  # token rows beyond the first of every layer pass
     comp = {"block_weights": {a: 0.0 for a in ASSUMPTIONS}, "replica_params": 0.0, "kv_read": 0.0,
             "kv_write": 0.0, "embedding": 0.0, "head": 0.0, "final_norm": 0.0}
     breakdown = []
@@ -645,11 +780,12 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
         kv_write_dec = K * kv_row
         kv_read_pre = K * sum(chunk_ends) * kv_row
         kv_write_pre = K * P * kv_row
-        lin_peak = prof.quantized_tflops(p.bits) if p.quantized else float_peak
+        lin_peak = prof.quantized_tflops(p.bits, "decode") if p.quantized else float_peak
+        lin_peak_pre = prof.quantized_tflops(p.bits, "prefill") if p.quantized else float_peak_pre
         fl_lin_dec = K * 2 * n_lin
         fl_att_dec = K * 4 * H * hd * (context + 1)
         fl_dec = [(lin_peak, fl_lin_dec), (float_peak, fl_att_dec)]
-        fl_pre = [(lin_peak, K * 2 * n_lin * P), (float_peak, K * 4 * H * hd * (P * (P + 1) // 2))]
+        fl_pre = [(lin_peak_pre, K * 2 * n_lin * P), (float_peak_pre, K * 4 * H * hd * (P * (P + 1) // 2))]
         dram = {}
         for a in ASSUMPTIONS:
             weights = code_b * mult[a] + sb_b + rep_b  # codes, scales/biases, replica parameters
@@ -665,6 +801,7 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
         comp["kv_write"] += kv_write_dec
         passes["decode"] += K
         passes["prefill"] += K * chunks
+        extra_rows["prefill"] += K * (P - chunks)
 
         storage_linear += code_b + sb_b + rep_b
         storage_norms += norm_b
@@ -683,24 +820,31 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
     head_code, head_sb = matrix_bytes(V * h, head_plan.bits, head_plan.group_size)
     head_b = head_code + head_sb
     final_norm = h * NORM_BYTES
-    head_peak = prof.quantized_tflops(head_plan.bits) if head_plan.quantized else float_peak
+    head_peak = {ph: (prof.quantized_tflops(head_plan.bits, "prefill" if ph == "prefill" and
+                                            prefill_logits == "all" else "decode")
+                      if head_plan.quantized else
+                      (float_peak_pre if ph == "prefill" and prefill_logits == "all" else float_peak))
+                 for ph in PHASES}
     head_logit_rows = {"decode": 1, "prefill": (P if prefill_logits == "all" else 1) if P else 0}
     head_reads = {"decode": 1, "prefill": (chunks if prefill_logits == "all" else 1) if P else 0}
     emb_rows = {"decode": 1, "prefill": P}
     for ph in PHASES:
         for a in ASSUMPTIONS:
             e = emb_rows[ph] * emb_row
-            acc[(ph, a)].add(*((e, 0.0) if embed.quantized else (0.0, e)))
+            acc[(ph, a)].add(*((e, 0.0) if embed.quantized else (0.0, e)), gemv=True)
             hb = head_reads[ph] * head_b
             norm = final_norm if head_reads[ph] else 0.0
             acc[(ph, a)].add(*((hb, norm) if head_plan.quantized else (0.0, hb + norm)),
-                             [(head_peak, 2 * V * h * head_logit_rows[ph])])
+                             [(head_peak[ph], 2 * V * h * head_logit_rows[ph])],
+                             gemv=head_logit_rows[ph] <= 1)
+
     comp["embedding"] = emb_row
     comp["head"] = head_b
     comp["final_norm"] = final_norm
 
     decode = {a: acc[("decode", a)].estimate("decode", a, 1, passes["decode"]) for a in ASSUMPTIONS}
-    prefill = {a: acc[("prefill", a)].estimate("prefill", a, P, passes["prefill"]) for a in ASSUMPTIONS}
+    prefill = {a: acc[("prefill", a)].estimate("prefill", a, P, passes["prefill"], extra_rows["prefill"])
+               for a in ASSUMPTIONS}
 
     emb_code, emb_sb = matrix_bytes(V * h, embed.bits, embed.group_size)
     emb_store = emb_code + emb_sb
@@ -783,7 +927,8 @@ def format_table(results: Sequence[RooflineResult], phase: str = "decode") -> st
 __all__ = [
     "ASSUMPTIONS", "PHASES", "PROFILE_FIGURES", "SHAPE_PRESETS", "BlockPlan", "EmbedPlan", "HardwareProfile",
     "Estimate", "BlockBreakdown", "RooflineResult", "predict", "roofline_curve", "shape_from_hf_config",
-    "preset_shape", "check_shape", "block_matrices", "uniform_plan", "matrix_bytes", "load_profiles",
+    "preset_shape", "check_shape", "block_matrices", "uniform_plan", "plans_from_config",
+    "resolve_profile_name", "matrix_bytes", "load_profiles",
     "load_profiles_doc", "get_profile", "default_profile_name", "profiles_path", "validate_profile",
     "validate_profiles_doc", "format_table",
 ]
