@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QDockWidget,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QInputDialog,
@@ -41,7 +42,7 @@ from dupstudio.gui.panels.layers import LayersPanel, TotalsBar
 from dupstudio.gui.panels.model import ModelPanel
 from dupstudio.gui.panels.roofline import RooflinePanel
 from dupstudio.gui.project import Project, common_group_sizes, snapshot
-from dupstudio.gui.widgets import Banner
+from dupstudio.gui.widgets import Banner, PathEdit, fmt_seconds
 from dupstudio.gui.worker import BACKGROUND, JobRunner
 
 ORGANIZATION = "dupstudio"
@@ -49,6 +50,18 @@ APPLICATION = "dupstudio"
 MAX_RECENT = 8
 METRICS_CHUNK = 4
 TABS = ("model", "layers", "distributions", "calibration", "evaluation", "generation", "roofline")
+
+
+def export_preview_text(preview: dict) -> str:
+    """The export confirmation: size, bits/weight, and how the folder loads."""
+    lines = [f"Size: {preview['bytes'] / 1e6:.1f} MB ({preview['bits_per_weight']:.3f} bits/weight in the "
+             f"decoder blocks)"]
+    if preview.get("trust_remote_code"):
+        lines.append("Loading needs --trust-remote-code (custom model file)"
+                     + (": " + "; ".join(map(str, preview["reasons"])) if preview.get("reasons") else "") + ".")
+    else:
+        lines.append("Loads as a standard mlx-lm llama model (no --trust-remote-code needed).")
+    return "\n".join(lines)
 
 
 def default_settings() -> QSettings:
@@ -102,6 +115,48 @@ class NewConfigDialog(QDialog):
                 "mode": self.mode.currentData(), "init": self.init.currentData()}
 
 
+class SearchDialog(QDialog):
+    """Budgets and calibration text of the budgeted search (Tools ▸ Search…)."""
+
+    def __init__(self, text: str, note: str = "", parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Search configurations")
+        form = QFormLayout(self)
+        self.budget = QDoubleSpinBox()
+        self.budget.setDecimals(3)
+        self.budget.setRange(1.0, 16.0)
+        self.budget.setSingleStep(0.05)
+        self.budget.setValue(2.5)
+        self.budget.setSuffix(" bits/weight")
+        self.latency = QDoubleSpinBox()
+        self.latency.setDecimals(3)
+        self.latency.setRange(0.0, 1e6)
+        self.latency.setSingleStep(0.1)
+        self.latency.setSpecialValueText("none")
+        self.latency.setSuffix(" ms/token")
+        self.text = PathEdit("Choose a calibration text")
+        if text:
+            self.text.set_path(text)
+        form.addRow("Size budget", self.budget)
+        form.addRow("Latency budget", self.latency)
+        form.addRow("Calibration text", self.text)
+        if note:
+            lab = QLabel(note)
+            lab.setWordWrap(True)
+            lab.setStyleSheet("QLabel { color: #666; }")
+            form.addRow(lab)
+        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        bb.button(QDialogButtonBox.Ok).setText("Search")
+        bb.accepted.connect(self.accept)
+        bb.rejected.connect(self.reject)
+        form.addRow(bb)
+
+    def values(self) -> dict:
+        lat = self.latency.value()
+        return {"budget_bpw": self.budget.value(), "budget_latency_ms": lat if lat > 0 else None,
+                "text": self.text.path()}
+
+
 class MainWindow(QMainWindow):
     model_loaded = Signal(object)  # the description dict
     load_failed = Signal(str)
@@ -109,6 +164,8 @@ class MainWindow(QMainWindow):
     config_opened = Signal(str)
     config_failed = Signal(str)  # an open / save error
     error_shown = Signal(str)
+    export_finished = Signal(str)  # "done", "cancelled" or "failed"
+    search_finished = Signal(str)  # "done", "cancelled" or "failed"
 
     def __init__(self, model: Optional[str] = None, *, autoload: bool = True,
                  settings: Optional[QSettings] = None) -> None:
@@ -123,6 +180,8 @@ class MainWindow(QMainWindow):
         self._progress_status = None
         self._closing_after_save = False
         self._shut = False
+        self._export_job = None
+        self._search_job = None
 
         self.project = Project(self)
         self.runner = JobRunner(self)
@@ -196,6 +255,8 @@ class MainWindow(QMainWindow):
         self.project.path_changed.connect(lambda _p: self._update_title())
         self.project.config_replaced.connect(self._config_replaced)
         self.project.blocks_changed.connect(self._schedule_metrics)
+        self.project.model_changed.connect(self._sync_actions)
+        self.project.busy_changed.connect(lambda _b: self._sync_actions())
         self._metrics_pending: set = set()
         self._metrics_jobs: list = []
         self._metrics_timer = QTimer(self)
@@ -239,7 +300,8 @@ class MainWindow(QMainWindow):
         self.save_action = self._action(m, "&Save configuration", self.save, QKeySequence.Save)
         self.save_as_action = self._action(m, "Save configuration &as…", self.save_as, "Ctrl+Shift+S")
         m.addSeparator()
-        self.export_action = self._action(m, "&Export deployable model… (coming later)", lambda: None)
+        self.export_action = self._action(m, "&Export model…", self.export_model, "Ctrl+E",
+                                          "Write the configured model as an mlx-lm model folder")
         self.export_action.setEnabled(False)
         m.addSeparator()
         self._action(m, "&Quit", self.close, QKeySequence.Quit)
@@ -262,7 +324,8 @@ class MainWindow(QMainWindow):
         v.addAction(self.history.toggleViewAction())
 
         t = mb.addMenu("&Tools")
-        self.search_action = self._action(t, "&Search configurations… (coming later)", lambda: None)
+        self.search_action = self._action(t, "&Search…", self.search_configurations, None,
+                                          "Choose per-block replicas within a size / latency budget")
         self.search_action.setEnabled(False)
 
         h = mb.addMenu("&Help")
@@ -297,6 +360,37 @@ class MainWindow(QMainWindow):
     def ask_directory(self, caption: str) -> Optional[str]:
         d = QFileDialog.getExistingDirectory(self, caption, str(self.settings.value("paths/last_dir", "")))
         return d or None
+
+    def ask_export_dir(self, default_name: str) -> Optional[str]:
+        """The folder to export into (a new one, or an existing empty one)."""
+        start = str(Path(str(self.settings.value("paths/last_dir", ""))) / default_name)
+        d, _ = QFileDialog.getSaveFileName(self, "Export the model into a new folder", start, "Folders (*)",
+                                           options=QFileDialog.DontConfirmOverwrite)
+        if d:
+            self.settings.setValue("paths/last_dir", str(Path(d).parent))
+        return d or None
+
+    def confirm_export(self, preview: dict) -> bool:
+        box = QMessageBox(QMessageBox.Question, "Export the model", export_preview_text(preview),
+                          QMessageBox.Ok | QMessageBox.Cancel, self)
+        box.button(QMessageBox.Ok).setText("Export")
+        box.setDefaultButton(QMessageBox.Ok)
+        return box.exec() == QMessageBox.Ok
+
+    def ask_search_settings(self) -> Optional[dict]:
+        """{"budget_bpw", "budget_latency_ms" (None: no latency budget), "text"} or None."""
+        from dupstudio.gui.panels.calibration import default_calibration_text
+
+        text = self.calibration.text.path() or str(default_calibration_text() or "")
+        s = self.calibration.settings()
+        note = (f"Calibration settings come from the Calibration tab ({s.method}, {s.steps} steps, "
+                f"{s.seqs} × {s.seq_len} tokens); latency is predicted for the "
+                f"{self._search_profile() or 'default'} profile. The result replaces the configuration "
+                "(Ctrl+Z restores it).")
+        dlg = SearchDialog(text, note, self)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return dlg.values()
 
     def confirm_discard(self) -> str:
         """'save', 'discard' or 'cancel' for unsaved edits."""
@@ -450,6 +544,7 @@ class MainWindow(QMainWindow):
         self.panel.show_error(message)
         self._set_loading(False)
         self.project.loaded = None
+        self._sync_actions()
         self.show_error(message)
         self._update_title()
         self.load_failed.emit(message)
@@ -486,6 +581,140 @@ class MainWindow(QMainWindow):
 
     def metrics_idle(self) -> bool:
         return not any(j.active for j in self._metrics_jobs) and not self._metrics_timer.isActive()
+
+    # ================================================================== export
+    def _sync_actions(self) -> None:
+        p = self.project
+        self.export_action.setEnabled(p.has_model and not (self._export_job is not None and self._export_job.active))
+        self.search_action.setEnabled(p.has_model and not p.locked
+                                      and not (self._search_job is not None and self._search_job.active))
+
+    def export_model(self, out_dir: Optional[str] = None) -> bool:
+        """Ask for a folder, preview (size, bits/weight, loading needs), confirm, then write an
+        mlx-lm model folder on the worker (progress and Cancel in the status bar)."""
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first.")
+            return False
+        if self._export_job is not None and self._export_job.active:
+            return False
+        if out_dir is None:
+            model = Path(str((self.description or {}).get("path", ""))).name or "model"
+            out_dir = self.ask_export_dir(f"{model}-{p.display_name.removesuffix('.json')}-dupstudio")
+            if not out_dir:
+                return False
+        out_dir = str(Path(out_dir).expanduser().absolute())
+        cfg = snapshot(p.config)
+        loaded = p.loaded
+        self.show_status(f"Estimating the export to {out_dir}…")
+
+        def previewed(preview: dict) -> None:
+            if not self.confirm_export(preview):
+                self._export_job = None
+                self._sync_actions()
+                self.show_status("Export cancelled")
+                self.export_finished.emit("cancelled")
+                return
+            self._export_job = self.runner.submit(tasks.export_job(loaded, cfg, out_dir), name="export model",
+                                                  on_done=exported, on_error=failed)
+            self._sync_actions()
+
+        def exported(r: dict) -> None:
+            self._export_job = None
+            self._sync_actions()
+            msg = (f"Exported to {r['path']} ({r['bytes'] / 1e6:.1f} MB, {r['bits_per_weight']:.3f} bits/weight"
+                   + (", load with --trust-remote-code" if r.get("trust_remote_code") else "") + ")")
+            self.banner.show_message(msg, "info")
+            self.show_status(msg)
+            self.export_finished.emit("done")
+
+        def failed(msg: str) -> None:
+            self._export_job = None
+            self._sync_actions()
+            if msg == "cancelled":
+                self.show_status("Export cancelled; nothing was written.")
+                self.export_finished.emit("cancelled")
+            else:
+                self.show_error(f"Could not export the model: {msg}")
+                self.export_finished.emit("failed")
+
+        self._export_job = self.runner.submit(tasks.preview_export_job(loaded, cfg, out_dir),
+                                              name="export preview", on_done=previewed, on_error=failed)
+        self._sync_actions()
+        return True
+
+    # ================================================================== search
+    def _search_profile(self) -> Optional[str]:
+        from dupstudio.gui.panels.roofline import MACHINE
+
+        name = self.roofline.profile.currentData()
+        return str(name) if name and name != MACHINE else None
+
+    def search_configurations(self, values: Optional[dict] = None) -> bool:
+        """The budgeted search (core ``search.search``) on the worker; its result replaces the
+        configuration as one undoable step. ``values``: the dialog's answer (plus, optionally,
+        ``settings`` (CalibSettings), ``kl_windows``, ``max_refine``)."""
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first.")
+            return False
+        if p.locked or (self._search_job is not None and self._search_job.active):
+            self.show_error("Wait for the running calibration or search to end.")
+            return False
+        if values is None:
+            values = self.ask_search_settings()
+            if not values:
+                return False
+        text = values.get("text") or ""
+        if not text:
+            text = self.ask_text_file("Choose a calibration text") or ""
+            if not text:
+                return False
+        try:
+            settings = values.get("settings") or self.calibration.settings()
+            budget = float(values.get("budget_bpw", 2.5))
+            lat = values.get("budget_latency_ms")
+            lat = float(lat) if lat not in (None, "", 0, 0.0) else None
+        except (DupstudioError, TypeError, ValueError) as e:
+            self.show_error(f"Search settings: {e}")
+            return False
+        p.set_locked(True)
+
+        def finish() -> None:
+            self._search_job = None
+            p.set_locked(False)
+            self._sync_actions()
+
+        def done(cfg) -> None:
+            finish()
+            info = cfg.provenance.get("search", {}) if isinstance(cfg.provenance, dict) else {}
+            chosen = info.get("chosen", {})
+            p.replace_config(cfg, f"Search ({budget:g} bits/weight" + (f", {lat:g} ms" if lat else "") + ")")
+            msg = (f"Search: {len(chosen)} block{'s' if len(chosen) != 1 else ''} upgraded, "
+                   f"{info.get('bits_per_weight', float('nan')):.3f} bits/weight"
+                   + (f", in {fmt_seconds(info['seconds'])}" if "seconds" in info else "")
+                   + ". Undo (Ctrl+Z) restores the previous configuration.")
+            self.banner.show_message(msg, "info")
+            self.show_status(msg)
+            self.tabs.setCurrentWidget(self.layers)
+            self.search_finished.emit("done")
+
+        def failed(msg: str) -> None:
+            finish()
+            if msg == "cancelled":
+                self.show_status("Search cancelled; the configuration is unchanged.")
+                self.search_finished.emit("cancelled")
+            else:
+                self.show_error(f"Search failed: {msg}")
+                self.search_finished.emit("failed")
+
+        kw = {k: int(values[k]) for k in ("kl_windows", "max_refine") if k in values}
+        self._search_job = self.runner.submit(
+            tasks.search_job(p.loaded, str(text), budget, lat, settings, self._search_profile(), **kw),
+            name="search", on_done=done, on_error=failed)
+        self.settings.setValue("calibration/text", str(text))
+        self._sync_actions()
+        return True
 
     # ================================================================== configuration files
     def new_configuration(self, values: Optional[dict] = None) -> bool:

@@ -348,6 +348,59 @@ def measure_machine_job():
     return job
 
 
+# --------------------------------------------------------------------------- export
+def _check_export_dir(out_dir: str) -> None:
+    from dupstudio.core.jobs import DupstudioError
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DupstudioError(f"{out}: already exists and is not empty (choose another folder)")
+
+
+def preview_export_job(loaded, cfg, out_dir: str):
+    """Size, bits/weight and loading needs of exporting ``cfg`` (nothing is written); refuses an
+    existing non-empty ``out_dir`` early."""
+
+    def job(progress, cancel):
+        from dupstudio.core.export import preview_export
+
+        progress(None, "estimating the export")
+        _check_export_dir(out_dir)
+        return preview_export(loaded, cfg)
+
+    return job
+
+
+def export_job(loaded, cfg, out_dir: str):
+    def job(progress, cancel):
+        from dupstudio.core.export import export_model
+
+        progress(0.0, f"exporting to {Path(out_dir).name}")
+        return export_model(loaded, cfg, out_dir, progress=progress, cancel=cancel)
+
+    return job
+
+
+# --------------------------------------------------------------------------- search
+def search_job(loaded, text_path: str, budget_bpw: float, budget_latency_ms: Optional[float], settings,
+               profile: Optional[str] = None, kl_windows: int = 8, max_refine: int = 4):
+    """The budgeted search (core ``search.search``) on calibration windows of ``text_path``."""
+
+    def job(progress, cancel):
+        from dupstudio.core.evaluate import make_windows, read_text, tokenize
+        from dupstudio.core.search import search
+
+        progress(None, f"reading {Path(text_path).name}")
+        tokens = tokenize(loaded.tokenizer, read_text(text_path))
+        windows = make_windows(tokens, settings.seq_len, settings.seqs, what="calibration text")
+        cancel.check()
+        kw = {"profile": profile} if profile else {}
+        return search(loaded, windows, budget_bpw, budget_latency_ms, settings=settings, kl_windows=kl_windows,
+                      max_refine=max_refine, progress=progress, cancel=cancel, **kw)
+
+    return job
+
+
 def run_callable(fn, *args, **kwargs):
     """A job calling ``fn(*args, **kwargs)`` (tests, small utilities)."""
 

@@ -203,6 +203,9 @@ class CalibrationPanel(QWidget):
         p = self.project
         if not p.has_model or self.running():
             return False
+        if p.locked:
+            self.window.show_error("A search is running: calibrate once it ends.")
+            return False
         path = self.text.path()
         if not path:
             path = self.window.ask_text_file("Choose a calibration text")
