@@ -103,6 +103,25 @@ def bootstrap_ppl(window_nll_sums: np.ndarray, window_tokens: np.ndarray, n_boot
     return (float(np.percentile(ppl, 2.5)), float(np.percentile(ppl, 97.5)))
 
 
+def score_logits(logits, targets, ref_logits=None) -> tuple:
+    """One batch: per-window NLL sums (numpy), and, with reference logits, the summed
+    KL(reference || model) and the count of top-1 agreements (0.0, 0 without)."""
+    import mlx.core as mx
+
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll_sum = (-mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]).sum(axis=1)
+    if ref_logits is None:
+        mx.eval(nll_sum)
+        return np.array(nll_sum), 0.0, 0
+    rl = ref_logits.astype(mx.float32)
+    rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
+    kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
+    ag = (mx.argmax(rl, -1) == mx.argmax(logits, -1))
+    mx.eval(nll_sum, kl, ag)
+    return np.array(nll_sum), float(kl.sum()), int(ag.sum())
+
+
 def evaluate(model, windows: np.ndarray, *, reference=None, batch_size: int = 4,
              progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
              seed: int = 0) -> EvalResult:
@@ -121,20 +140,12 @@ def evaluate(model, windows: np.ndarray, *, reference=None, batch_size: int = 4,
         cancel.check()
         chunk = mx.array(windows[start:start + batch_size])
         inputs, targets = chunk[:, :-1], chunk[:, 1:]
-        logits = model(inputs).astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        nll_sum = nll.sum(axis=1)
-        if reference is not None:
-            rl = reference(inputs).astype(mx.float32)
-            rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
-            kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
-            ag = (mx.argmax(rl, -1) == mx.argmax(logits, -1))
-            mx.eval(nll_sum, kl, ag)
-            kls += float(kl.sum())
-            agree += int(ag.sum())
-        mx.eval(nll_sum)
-        sums[start:start + batch_size] = np.array(nll_sum)
+        logits = model(inputs)
+        ref_logits = reference(inputs) if reference is not None else None
+        nll_sum, kl_sum, ag = score_logits(logits, targets, ref_logits)
+        kls += kl_sum
+        agree += ag
+        sums[start:start + batch_size] = nll_sum
         count += targets.size
         progress(min(1.0, (start + batch_size) / n), f"evaluated {min(n, start + batch_size)}/{n} windows")
     toks = np.full(n, ctx - 1)

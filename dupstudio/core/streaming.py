@@ -171,7 +171,7 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     import mlx.core as mx
     from mlx_lm.models.base import create_attention_mask
 
-    from dupstudio.core.evaluate import EvalResult, bootstrap_ppl
+    from dupstudio.core.evaluate import EvalResult, bootstrap_ppl, score_logits
     from dupstudio.core.model_io import (ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape,
                                          open_model)
     from dupstudio.core.replicate import (MODES, ReplicatedBlock, block_tensors,
@@ -273,20 +273,14 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
         for s, e in batches:
             cancel.check()
             targets = mx.array(windows[s:e, 1:])
-            logits = logits_of(mx.array(cur[s:e]).astype(dtype), norm, emb, head).astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            nll_sum = (-mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]).sum(axis=1)
+            logits = logits_of(mx.array(cur[s:e]).astype(dtype), norm, emb, head)
+            rl = None
             if want_ref:
                 rl = logits_of(mx.array(rcur[s:e]).astype(dtype), base.norm, base.embed_tokens,
-                               None if tied else loaded.model.lm_head).astype(mx.float32)
-                rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
-                kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
-                ag = (mx.argmax(rl, -1) == mx.argmax(logits, -1))
-                mx.eval(nll_sum, kl, ag)
-                kls += float(kl.sum())
-                agree += int(ag.sum())
-            mx.eval(nll_sum)
-            sums[s:e] = np.array(nll_sum)
+                               None if tied else loaded.model.lm_head)
+            sums[s:e], kl_sum, ag = score_logits(logits, targets, rl)
+            kls += kl_sum
+            agree += ag
             count += targets.size
         progress(1.0, f"evaluated {n}/{n} windows (streamed)")
     finally:
