@@ -344,6 +344,11 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
     lin = block_linears(loaded.model)
     n_blocks = len(fp_layers)
     todo = set(range(n_blocks) if blocks is None else blocks)
+    if not todo:
+        raise DupstudioError("no blocks to calibrate")
+    if max(todo) >= n_blocks or min(todo) < 0:
+        raise DupstudioError(f"block {max(todo)} is beyond the model's {n_blocks} blocks")
+    last = max(todo)
     rng = np.random.default_rng(settings.seed)
     toks = mx.array(tokens)
     x_fp = loaded.model.model.embed_tokens(toks).astype(mx.float32)
@@ -394,14 +399,17 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
                 _save_checkpoint(ck, k, settings, t if res.accepted else {},
                                  out.blocks[k].gains, out.blocks[k].residual_gain, rec)
         # advance the activations
+        progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
+                 f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s)")
+        if k == last:
+            break  # nothing after the last requested block changes
         x_fp = y
         if settings.incremental:
             x_q = _apply_current(loaded, out, k, x_q, mask, bs)
         else:
             x_q = x_fp
         mx.eval(x_fp, x_q)
-        progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
-                 f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s)")
+    progress(1.0, f"calibrated {len(results)} block(s)")
     from dupstudio.core.evaluate import provenance as _prov
 
     out.provenance = dict(out.provenance)
