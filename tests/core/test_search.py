@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dupstudio.core import search as S
+from dupstudio.core import sensitivity as SENS
 from dupstudio.core.calibrate import settings_from
 from dupstudio.core.evaluate import make_windows, tokenize
 from dupstudio.core.jobs import Cancelled, CancelToken
@@ -25,7 +26,7 @@ def data(tiny_loaded):
 def test_sensitivity_one_row_per_block(tiny_loaded, data):
     cal, _, st = data
     seen = []
-    df = S.sensitivity(tiny_loaded, S.base_config(tiny_loaded), cal, settings=st, kl_windows=2,
+    df = SENS.sensitivity(tiny_loaded, S.base_config(tiny_loaded), cal, settings=st, kl_windows=2,
                        progress=lambda f, m: seen.append(f))
     assert list(df["block"]) == list(range(tiny_loaded.num_blocks))
     for col in ("kl_quantized", "kl_k1", "kl_k2", "kl_gain"):
@@ -39,7 +40,7 @@ def test_sensitivity_cancel(tiny_loaded, data):
     tok = CancelToken()
     tok.cancel()
     with pytest.raises(Cancelled):
-        S.sensitivity(tiny_loaded, S.base_config(tiny_loaded), cal, settings=st, cancel=tok)
+        SENS.sensitivity(tiny_loaded, S.base_config(tiny_loaded), cal, settings=st, cancel=tok)
 
 
 def test_hybrid_model_float_blocks_match_fp(tiny_loaded, data):
