@@ -18,7 +18,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="compare configurations and mlx-lm baselines; budgeted search",
                               description=__doc__.split("\n")[0])
     p.add_argument("model", nargs="?", default=None, help="model (default: the shipped default model)")
-    p.add_argument("--budget-bpw", type=float, default=2.5, help="bits/weight budget of the block linears")
+    p.add_argument("--budget-bpw", type=float, nargs="+", default=[2.5, 3.0],
+                   help="bits/weight budget(s) of the block linears; a search runs for each and the best "
+                        "row within each is reported (default: 2.5 3.0); best.json is the best within the first")
     p.add_argument("--budget-latency-ms", type=float, default=None,
                    help="predicted decode latency budget (ms/token on --profile)")
     p.add_argument("--profile", default="apple-m1-pro", help="hardware profile for the latency prediction")
@@ -33,9 +35,18 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (override)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--kl-windows", type=int, default=8, help="calibration windows the search's KL uses")
-    p.add_argument("--max-refine", type=int, default=4, help="refinement trials of the search")
+    p.add_argument("--max-refine", type=int, default=2, help="refinement trials of the search")
+    p.add_argument("--moves", default=None,
+                   help="comma-separated search moves (default: g32,serial-group,parallel-group,serial-channel; "
+                        "also parallel-channel)")
+    p.add_argument("--extra", default="",
+                   help="comma-separated extra calibrated rows: k1-g32, k2-serial, k2-parallel, k2-serial-channel")
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's baselines")
+    p.add_argument("--mlx-lm", default=None,
+                   help="comma-separated mlx-lm baselines as method:bits:group (methods plain, mixed_2_6, "
+                        "mixed_3_6, gptq, awq, dwq); default: plain:2:64,plain:2:32,mixed_2_6:2:64,"
+                        "mixed_3_6:2:64,gptq:2:64,gptq:2:32,awq:2:64,dwq:2:64")
     p.set_defaults(func=run)
 
 
@@ -51,7 +62,7 @@ def _is_writer() -> bool:
         return True
 
 
-def write_plots(df, out: Path, budget_bpw: float, profile: str) -> list:
+def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) -> list:
     """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
     matplotlib if installed, else pyqtgraph's offscreen ImageExporter. Returns the written paths."""
     from dupstudio.core.search import pareto_front
@@ -78,7 +89,8 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str) -> list:
             if front:
                 f = dd[dd["front"]].sort_values(x)
                 ax.plot(f[x], f["ppl"], "k--", label="Pareto front")
-                ax.axvline(budget_bpw, color="r", lw=0.8, label=f"budget {budget_bpw:g}")
+                for b in (budgets or [budget_bpw]):
+                    ax.axvline(b, color="r", lw=0.8, label=f"budget {b:g}")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity")
@@ -122,7 +134,9 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str) -> list:
             f = dd[dd["front"]].sort_values(x)
             pi.plot(f[x].to_numpy(float), f["ppl"].to_numpy(float), pen=pg.mkPen("k", width=1.5,
                     style=pg.QtCore.Qt.PenStyle.DashLine), name="Pareto front")
-            pi.addItem(pg.InfiniteLine(pos=budget_bpw, angle=90, pen=pg.mkPen("r")))
+            for b in (budgets or [budget_bpw]):
+                pi.addItem(pg.InfiniteLine(pos=b, angle=90, pen=pg.mkPen("r"), label=f"≤{b:g}",
+                                           labelOpts={"position": 0.95, "color": (200, 0, 0)}))
         exp = pge.ImageExporter(pi)
         exp.parameters()["width"] = 900
         exp.export(str(out / fname))
@@ -139,18 +153,76 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str) -> list:
     return paths
 
 
+def _parse_mlx_lm(text):
+    from dupstudio.core.jobs import DupstudioError
+
+    out = []
+    for item in [t for t in text.split(",") if t.strip()]:
+        parts = item.strip().split(":")
+        try:
+            meth, bits, group = parts[0], int(parts[1]) if len(parts) > 1 else 2, int(parts[2]) if len(parts) > 2 else 64
+        except ValueError:
+            raise DupstudioError(f"--mlx-lm: cannot read {item!r} (use method:bits:group, e.g. gptq:2:64)") from None
+        out.append((meth, bits, group))
+    return tuple(out)
+
+
+def summary_markdown(df, budgets, *, seconds: float, machine: str = "") -> str:
+    """The sweep table as markdown plus the best rows within each budget."""
+    import math
+
+    from dupstudio.core.search import best_within_budget, pareto_front
+
+    d = df.copy()
+    d["pareto"] = pareto_front(d, "bits_per_weight", "ppl")
+
+    def f(v, fmt="{:.4g}"):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    lines = ["| name | bpw | emb bits | ppl (95% CI) | KL | top-1 | M1 Pro ms/token | Pareto | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, r in d.iterrows():
+        ppl = f"{f(r['ppl'])} ({f(r['ppl_lo'])}–{f(r['ppl_hi'])})" if not math.isnan(r["ppl"]) else "n/a"
+        emb = r["embedding_bits"]
+        lines.append(f"| {r['name']} | {f(r['bits_per_weight'], '{:.3f}')} | "
+                     f"{'16' if emb is None or (isinstance(emb, float) and math.isnan(emb)) else int(emb)} | {ppl} | "
+                     f"{f(r['kl'], '{:.3f}')} | {f(r['top1'] * 100 if r['top1'] == r['top1'] else math.nan, '{:.1f}%')} | "
+                     f"{f(r['latency_ms'], '{:.2f}')} | {'●' if r['pareto'] else ''} | {f(r['seconds'], '{:.0f}')} |")
+    out = ["\n".join(lines), ""]
+    for b in budgets:
+        dn, _ = best_within_budget(df, {n: None for n in df["name"]}, b, "dupstudio")
+        mn, _ = best_within_budget(df, {}, b, "mlx-lm")
+        def desc(n):
+            if n is None:
+                return "none"
+            r = df[df["name"] == n].iloc[0]
+            return f"{n} (ppl {r['ppl']:.4g}, {r['bits_per_weight']:.3f} bpw)"
+        out.append(f"- best within {b:g} bits/weight: dupstudio {desc(dn)}; mlx-lm {desc(mn)}")
+    rtn3 = df[df["name"].str.startswith("RTN 3-bit")]
+    if not rtn3.empty:
+        out.append(f"- RTN 3-bit: ppl {rtn3.iloc[0]['ppl']:.4g} at {rtn3.iloc[0]['bits_per_weight']:.3f} bpw")
+    out.append(f"- wall-clock: {seconds:.0f} s{(' on ' + machine) if machine else ''}")
+    return "\n".join(out) + "\n"
+
+
 def run(args) -> int:
     import math
+    import time
 
     from dupstudio.commands._common import default_calibration_text, open_model_quiet
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import settings_from
     from dupstudio.core.evaluate import make_windows, provenance, read_text, text_sha256, tokenize
-    from dupstudio.core.search import best_within_budget, sweep
+    from dupstudio.core.search import DEFAULT_MLX_LM, DEFAULT_MOVES, best_within_budget, sweep
 
+    t_start = time.perf_counter()
     settings = settings_from(args.preset, steps=args.steps, seqs=args.seqs, seq_len=args.seq_len,
                              batch=args.batch)
+    budgets = list(args.budget_bpw)
+    moves = tuple(m.strip() for m in args.moves.split(",") if m.strip()) if args.moves else DEFAULT_MOVES
+    extra = tuple(m.strip() for m in args.extra.split(",") if m.strip())
+    methods = () if args.no_mlx_lm else (_parse_mlx_lm(args.mlx_lm) if args.mlx_lm else DEFAULT_MLX_LM)
     loaded = open_model_quiet(args.model)
     cal_path = Path(args.text_cal) if args.text_cal else default_calibration_text()
     cal_text = read_text(cal_path)
@@ -163,35 +235,48 @@ def run(args) -> int:
     writer = _is_writer()
     progress = StderrProgress()
     try:
-        df, cfgs = sweep(loaded, cal, ev, budget_bpw=args.budget_bpw, budget_latency_ms=args.budget_latency_ms,
-                         profile=args.profile, settings=settings, with_search=not args.no_search,
-                         search_kwargs={"kl_windows": args.kl_windows, "max_refine": args.max_refine},
-                         mlx_lm=not args.no_mlx_lm, progress=progress)
+        df, cfgs = sweep(loaded, cal, ev, budget_bpw=budgets, budget_latency_ms=args.budget_latency_ms,
+                         profile=args.profile, settings=settings, with_search=not args.no_search, extra=extra,
+                         search_kwargs={"kl_windows": args.kl_windows, "max_refine": args.max_refine,
+                                        "moves": moves},
+                         mlx_lm=methods, progress=progress)
     finally:
         progress.close()
     if not writer:
         return 0
+    seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(eval_text, args.windows, args.ctx, text_path=str(args.text_eval),
-                      cal_text=str(cal_path), cal_text_sha256=text_sha256(cal_text), preset=args.preset)
-    df.to_csv(out / "sweep.csv", index=False)
-    name, best = best_within_budget(df, cfgs)
-    if best is not None:
+                      cal_text=str(cal_path), cal_text_sha256=text_sha256(cal_text), preset=args.preset,
+                      wall_clock_s=seconds)
+    C.atomic_write_bytes(out / "sweep.csv", df.to_csv(index=False).encode())
+    written = [out / "sweep.csv"]
+    bests = {}
+    for i, b in enumerate(budgets):
+        name, best = best_within_budget(df, cfgs, b)
+        bests[b] = name
+        if best is None:
+            continue
         row = df[df["name"] == name].iloc[0].to_dict()
         best.results = list(best.results) + [{k: (None if isinstance(v, float) and math.isnan(v) else v)
                                               for k, v in row.items()} | {"provenance": prov}]
         best.provenance = dict(best.provenance)
-        best.provenance["sweep"] = {"chosen": name, "budget_bpw": args.budget_bpw,
+        best.provenance["sweep"] = {"chosen": name, "budget_bpw": b,
                                     "budget_latency_ms": args.budget_latency_ms, **prov}
-        C.save(best, out / "best.json")
-    (out / "sweep_provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-    plots = write_plots(df, out, args.budget_bpw, args.profile)
-    cols = ["name", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "top1", "latency_ms", "within_budget"]
+        fname = "best.json" if i == 0 else f"best_{b:g}.json"
+        C.save(best, out / fname)
+        written.append(out / fname)
+    C.atomic_write_bytes(out / "sweep_provenance.json", (json.dumps(prov, indent=2) + "\n").encode())
+    plots = write_plots(df, out, budgets[0], args.profile, budgets=budgets)
+    md = summary_markdown(df, budgets, seconds=seconds, machine=prov.get("machine", ""))
+    C.atomic_write_bytes(out / "summary.md", md.encode())
+    cols = ["name", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "top1", "latency_ms", "seconds"]
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         print(df[cols].to_string(index=False))
-    print(f"best within {args.budget_bpw:g} bits/weight: {name or 'none'}", file=sys.stderr)
-    print(f"wrote {out / 'sweep.csv'}" + (f", {out / 'best.json'}" if best is not None else "")
-          + "".join(f", {p}" for p in plots), file=sys.stderr)
+    for b in budgets:
+        print(f"best within {b:g} bits/weight: {bests[b] or 'none'}", file=sys.stderr)
+    print(f"sweep took {seconds:.0f} s; wrote " + ", ".join(str(p) for p in written + plots + [out / "summary.md"]),
+          file=sys.stderr)
     return 0

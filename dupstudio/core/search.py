@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,6 +23,8 @@ import numpy as np
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
 
 MOVES = ("g32", "serial-group", "parallel-group", "serial-channel", "parallel-channel")
+#: scored by default (parallel-channel on request: parallel never beat serial in our runs)
+DEFAULT_MOVES = ("g32", "serial-group", "parallel-group", "serial-channel")
 LATENCY_ASSUMPTION = "measured"
 
 
@@ -77,11 +79,13 @@ def hybrid_model(loaded, cfg, quantized_blocks):
     return model
 
 
-def calibration_kl(loaded, model, windows: np.ndarray, cancel: Optional[CancelToken] = None) -> float:
-    """Mean KL(full precision || model) per token on calibration windows."""
+def calibration_kl(loaded, model, windows: np.ndarray, cancel: Optional[CancelToken] = None,
+                   reference=None) -> float:
+    """Mean KL(full precision || model) per token on calibration windows (``reference``: a
+    :class:`~dupstudio.core.evaluate.CachedReference` of those windows, else the float model)."""
     from dupstudio.core.evaluate import evaluate
 
-    return float(evaluate(model, windows, reference=loaded.model, cancel=cancel).kl)
+    return float(evaluate(model, windows, reference=reference or loaded.model, cancel=cancel).kl)
 
 
 def _kl_windows(tokens: np.ndarray, n: int) -> np.ndarray:
@@ -144,85 +148,169 @@ def _predicted_uniform_ms(shape, profile, bits, group_size, embed_bits) -> float
 
 
 # --------------------------------------------------------------------------- search
+class CalibrationCache:
+    """Calibrated configurations of one run, keyed by what determines them (configuration
+    content, calibration tokens, settings): the sweep and its searches never calibrate the same
+    thing twice (e.g. a search whose budget admits no move returns the calibrated base)."""
+
+    def __init__(self):
+        self._d = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(cfg, tokens: np.ndarray, settings, blocks=None) -> str:
+        import hashlib
+        import json
+
+        h = hashlib.sha256()
+        d = cfg.to_dict()
+        d.pop("provenance", None)
+        d.pop("results", None)
+        for b in d.get("blocks", []):
+            b.pop("calibration", None)
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+        for name in sorted(cfg.tensors):
+            h.update(name.encode())
+            h.update(np.array(cfg.tensors[name]).tobytes())
+        h.update(np.ascontiguousarray(tokens).astype(np.int64).tobytes())
+        h.update(settings.key().encode())
+        h.update(repr(None if blocks is None else sorted(blocks)).encode())
+        return h.hexdigest()
+
+    def calibrate(self, loaded, cfg, tokens, settings, *, blocks=None, progress=None, cancel=None):
+        from dupstudio.core.calibrate import calibrate
+
+        k = self.key(cfg, tokens, settings, blocks)
+        if k in self._d:
+            self.hits += 1
+            if progress:
+                progress(1.0, "reused an identical calibration from this run")
+            return self._d[k].copy()
+        out = calibrate(loaded, cfg, tokens, settings, blocks=blocks, progress=progress, cancel=cancel)
+        self._d[k] = out.copy()
+        return out
+
+
+def _block_output_power(loaded, tokens: np.ndarray, batch: int = 4) -> list:
+    """mean(y²) of each full-precision block's output on ``tokens`` (one walk): the scale that
+    turns a block's output MSE into a relative error comparable across depths."""
+    import mlx.core as mx
+
+    from dupstudio.core.calibrate import _chunks, block_forward
+
+    x = loaded.model.model.embed_tokens(mx.array(tokens)).astype(mx.float32)
+    out = []
+    for layer in loaded.model.model.layers:
+        x = mx.concatenate([block_forward(layer, x[sl], "causal") for sl in _chunks(x.shape[0], batch)])
+        mx.eval(x)
+        out.append(float(mx.mean(x * x).item()))
+    return out
+
+
+def score_moves(loaded, base, tokens: np.ndarray, score_settings, moves, *, progress=None, cancel=None):
+    """Per block and move: the relative block-output error of the base and of the move, scored
+    with short calibrations on full-precision inputs (so every block's score is its own). One
+    calibration of the base and one per move (the move applied to every block at once).
+    Returns a list of dicts (block, move, loss_base, loss, gain)."""
+    from dupstudio.core.calibrate import calibrate
+
+    progress, cancel = ensure(progress, cancel)
+    st = replace(score_settings, incremental=False)
+    n = len(base.blocks)
+    power = _block_output_power(loaded, tokens, st.batch)
+    stages = len(moves) + 1
+
+    def rel(c):
+        return [(b.calibration["loss_after"] / max(power[k], 1e-30)) if b.calibration else math.nan
+                for k, b in enumerate(c.blocks)]
+
+    cb = calibrate(loaded, base, tokens, st, progress=_sub_progress(progress, 0, 1 / stages, "score base: "),
+                   cancel=cancel)
+    lb = rel(cb)
+    rows = []
+    for i, mv in enumerate(moves):
+        cancel.check()
+        c = base.copy()
+        for k in range(n):
+            apply_move(c, k, mv)
+        c = calibrate(loaded, c, tokens, st, progress=_sub_progress(progress, (i + 1) / stages, (i + 2) / stages,
+                                                                    f"score {mv}: "), cancel=cancel)
+        lm = rel(c)
+        for k in range(n):
+            rows.append({"block": k, "move": mv, "loss_base": lb[k], "loss": lm[k], "gain": lb[k] - lm[k]})
+    return rows
+
+
+def _slot(move: str) -> str:
+    return "group" if move == "g32" else "replica"
+
+
 def search(loaded, cal_tokens: np.ndarray, budget_bpw: float = 2.5, budget_latency_ms: Optional[float] = None,
            profile: str = "apple-m1-pro", *, bits: int = 2, group_size: int = 64, settings=None,
-           score_settings=None, moves=MOVES, kl_windows: int = 8, max_refine: int = 4,
-           progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
-    """Choose per block K (1/2), mode, granularity and group size within the budget.
+           score_settings=None, moves=DEFAULT_MOVES, kl_windows: int = 8, max_refine: int = 2,
+           cache: Optional[CalibrationCache] = None, scores: Optional[list] = None,
+           reference=None, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
+    """Choose per block the group size, replica count, mode and granularity (and, under a latency
+    budget, the embedding bits) that minimise calibration KL within the budget.
 
-    1. The base is K=1, ``bits``, ``group_size`` everywhere; it must fit the budget.
-    2. Score every move (:data:`MOVES`) on every block at once: one calibration per move with the
-       move applied to all blocks, on full-precision inputs (``score_settings``: fast with fewer
-       steps/sequences), so each block's loss drop is its own; the base is scored the same way.
-    3. Greedy: moves by loss drop per cost (bits/weight added, or predicted ms added when a
-       latency budget is given and bits are free), one move per block, while within budget.
-    4. Calibrate the chosen configuration (``settings``, incremental) and measure calibration KL.
-    5. Refine: up to ``max_refine`` trials that swap a chosen block's move for an alternative
-       within budget (or drop it, giving its bits to the best unchosen move), kept if KL drops.
-    """
-    from dupstudio.core.calibrate import calibrate
+    1. Base: K=1, ``bits``, ``group_size`` everywhere (float16 embedding; under a latency budget
+       the embedding drops to 8, then 4 bits if the base does not fit otherwise). The base must
+       fit the budget.
+    2. Score every move of :data:`MOVES` on every block (:func:`score_moves`: short calibrations,
+       relative block-output error). Skipped when no move can fit the budget.
+    3. Greedy by gain per cost (bits/weight added; plus predicted ms over the latency budget when
+       one is set). A block holds at most one group move (g32) and one replica move.
+    4. Calibrate the chosen configuration (``settings``; an identical calibration in ``cache`` is
+       reused) and measure the KL from full precision on ``kl_windows`` calibration windows.
+    5. Refine: up to ``max_refine`` trials on the weakest chosen moves — swap for the next-best
+       move of that block, or drop it and spend its bits on the best unchosen move — recalibrating
+       only the blocks touched, kept if the calibration KL drops.
+
+    ``scores`` (from an earlier search on the same base/tokens) skips step 2. The history, the
+    scores and the choice are kept in ``provenance["search"]``."""
     from dupstudio.core.replicate import accounting, build
 
     progress, cancel = ensure(progress, cancel)
+    cache = cache or CalibrationCache()
     t_start = time.perf_counter()
     shape = _shape(loaded)
     settings = _fast(settings)
-    score_settings = score_settings or replace(settings, steps=max(1, settings.steps // 2),
-                                               seqs=min(settings.seqs, 8), incremental=False)
-    score_settings = replace(score_settings, incremental=False)
+    score_settings = score_settings or replace(settings, steps=max(1, settings.steps // 5),
+                                               seqs=min(settings.seqs, 8), holdout=0.0)
     n = shape["num_blocks"]
     ok_g = dividing_group_sizes(shape)
-    moves = [m for m in moves if m != "g32" or (32 in ok_g and group_size == 64)]
+    bad = [m for m in moves if m not in MOVES]
+    if bad:
+        raise DupstudioError(f"unknown search move(s) {bad} (use {', '.join(MOVES)})")
+    moves = [m for m in moves if m != "g32" or (32 in ok_g and group_size > 32)]
     base = base_config(loaded, bits, group_size)
+    history = []
     base_bpw = accounting(base, shape)["bits_per_weight"]
     if base_bpw > budget_bpw + 1e-9:
         raise DupstudioError(f"budget {budget_bpw} bits/weight is below the base configuration's "
                              f"{base_bpw:.3f} ({bits}-bit g{group_size})")
     base_ms = predicted_latency_ms(base, shape, profile)
     if budget_latency_ms is not None and base_ms > budget_latency_ms:
-        raise DupstudioError(f"latency budget {budget_latency_ms} ms is below the base configuration's "
-                             f"predicted {base_ms:.3f} ms on {profile}")
+        for eb in (8, 4):
+            base.embedding.bits, base.embedding.group_size = eb, 64
+            base_ms = predicted_latency_ms(base, shape, profile)
+            history.append({"step": len(history), "phase": "embedding", "embedding_bits": eb, "latency_ms": base_ms})
+            if base_ms <= budget_latency_ms:
+                break
+        else:
+            raise DupstudioError(f"latency budget {budget_latency_ms} ms is below the base configuration's "
+                                 f"predicted {base_ms:.3f} ms on {profile} even with a 4-bit embedding")
     toks = np.asarray(cal_tokens)
-    stoks = toks[: score_settings.seqs]
     win = _kl_windows(toks, kl_windows)
-    history = []
-    n_stages = len(moves) + 3
-    stage = [0]
+    if reference is None:
+        from dupstudio.core.evaluate import CachedReference
 
-    def sp(msg):
-        s = stage[0]
-        stage[0] += 1
-        return _sub_progress(progress, s / n_stages, (s + 1) / n_stages, msg)
+        reference = CachedReference(loaded.model, win, cancel=cancel)
+    stages = 4
 
-    # --- 2. scoring
-    def block_losses(c):
-        return [b.calibration["loss_after"] if b.calibration else math.nan for b in c.blocks]
+    def sp(i, msg):
+        return _sub_progress(progress, i / stages, (i + 1) / stages, msg)
 
-    scored = calibrate(loaded, base, stoks, score_settings, progress=sp("score base: "), cancel=cancel)
-    base_loss = block_losses(scored)
-    table = []
-    for mv in moves:
-        cancel.check()
-        c = base.copy()
-        for k in range(n):
-            apply_move(c, k, mv)
-        c = calibrate(loaded, c, stoks, score_settings, progress=sp(f"score {mv}: "), cancel=cancel)
-        ml = block_losses(c)
-        for k in range(n):
-            d_bpw = block_bpw_delta(base, shape, k, mv)
-            one = base.copy()
-            apply_move(one, k, mv)
-            d_ms = predicted_latency_ms(one, shape, profile) - base_ms
-            table.append({"block": k, "move": mv, "loss_base": base_loss[k], "loss": ml[k],
-                          "gain": base_loss[k] - ml[k], "bpw_cost": d_bpw, "ms_cost": d_ms})
-
-    def ratio(r):
-        cost = r["bpw_cost"] if r["bpw_cost"] > 1e-9 else 0.0
-        if budget_latency_ms is not None:
-            cost = cost + r["ms_cost"] / max(budget_latency_ms, 1e-9)
-        return r["gain"] / max(cost, 1e-6)
-
-    # --- 3. greedy
     def fits(c):
         bpw = accounting(c, shape)["bits_per_weight"]
         if bpw > budget_bpw + 1e-9:
@@ -232,96 +320,125 @@ def search(loaded, cal_tokens: np.ndarray, budget_bpw: float = 2.5, budget_laten
             return False, bpw, ms
         return True, bpw, ms
 
-    chosen = {}
+    # --- 2. scoring (only if some move can fit at all)
+    any_fits = False
+    for mv in moves:
+        c = base.copy()
+        apply_move(c, n - 1, mv)
+        any_fits = any_fits or fits(c)[0]
+    table = []
+    if any_fits:
+        if scores is None:
+            stoks = toks[: score_settings.seqs]
+            scores = score_moves(loaded, base, stoks, score_settings, moves, progress=sp(0, ""), cancel=cancel)
+        for r in scores:
+            if r["move"] not in moves:
+                continue
+            one = base.copy()
+            apply_move(one, r["block"], r["move"])
+            table.append(dict(r, bpw_cost=accounting(one, shape)["bits_per_weight"] - base_bpw,
+                              ms_cost=predicted_latency_ms(one, shape, profile) - base_ms))
+    else:
+        history.append({"step": len(history), "phase": "score", "note": "no move fits the budget: the base is the answer"})
+
+    def ratio(r):
+        cost = max(r["bpw_cost"], 0.0)
+        if budget_latency_ms is not None:
+            cost = cost + max(r["ms_cost"], 0.0) / max(budget_latency_ms, 1e-9)
+        return r["gain"] / max(cost, 1e-9)
+
+    # --- 3. greedy
+    chosen = {}  # (block, slot) -> move
     cur = base.copy()
     for r in sorted([r for r in table if r["gain"] > 0], key=ratio, reverse=True):
-        if r["block"] in chosen:
+        cancel.check()
+        key = (r["block"], _slot(r["move"]))
+        if key in chosen:
             continue
         c = cur.copy()
         apply_move(c, r["block"], r["move"])
         ok, bpw, ms = fits(c)
         if ok:
-            cur, chosen[r["block"]] = c, r["move"]
+            cur, chosen[key] = c, r["move"]
             history.append({"step": len(history), "phase": "greedy", "block": r["block"], "move": r["move"],
                             "gain": r["gain"], "bpw_cost": r["bpw_cost"], "ms_cost": r["ms_cost"],
                             "bits_per_weight": bpw, "latency_ms": ms})
+    sp(1, "")(1.0, f"greedy: {len(chosen)} moves chosen")
 
     # --- 4. calibrate the choice
-    cal = calibrate(loaded, cur, toks, settings, progress=sp("calibrate choice: "), cancel=cancel)
-    kl = calibration_kl(loaded, build(loaded, cal, "simulate"), win, cancel)
+    cal = cache.calibrate(loaded, cur, toks, settings, progress=sp(2, "calibrate choice: "), cancel=cancel)
+    kl = calibration_kl(loaded, build(loaded, cal, "simulate"), win, cancel, reference=reference)
     history.append({"step": len(history), "phase": "calibrate", "kl": kl,
                     "bits_per_weight": accounting(cal, shape)["bits_per_weight"]})
 
     # --- 5. refinement
-    rp = sp("refine: ")
+    rp = sp(3, "refine: ")
     trials = 0
-    if max_refine > 0 and chosen:
-        by_block = {}
-        for r in table:
-            by_block.setdefault(r["block"], []).append(r)
-        proposals = []
-        for k, mv in sorted(chosen.items(), key=lambda kv: next(r["gain"] for r in by_block[kv[0]]
-                                                                  if r["move"] == kv[1])):
-            alts = sorted([r for r in by_block[k] if r["move"] != mv and r["gain"] > 0],
-                          key=lambda r: r["gain"], reverse=True)
-            proposals += [(k, r["move"], None) for r in alts]
-            free = sorted([r for r in table if r["block"] not in chosen and r["gain"] > 0],
-                          key=ratio, reverse=True)
-            proposals += [(k, None, (r["block"], r["move"])) for r in free[:2]]
-        for k, mv, other in proposals:
-            if trials >= max_refine:
-                break
-            cancel.check()
-            c = cur.copy()
-            b = c.blocks[k]
-            b.set_replicas(1, "serial")
-            b.group_size = None
-            if mv is not None:
-                apply_move(c, k, mv)
-                touched = [k]
-            else:
-                apply_move(c, other[0], other[1])
-                touched = sorted([k, other[0]])
-            ok, bpw, ms = fits(c)
-            if not ok:
-                continue  # only swaps within the budget count as trials
-            trials += 1
-            rec = {"step": len(history), "phase": "refine", "block": k, "from": chosen.get(k),
-                   "to": mv, "moved_to": list(other) if other else None, "bits_per_weight": bpw,
-                   "latency_ms": ms, "accepted": False}
-            if ok:
-                # keep the other blocks' calibrated tensors; recalibrate from the first touched block
-                c.tensors = {t: v for t, v in cal.tensors.items()
-                             if not any(t.startswith(f"b{j}.") for j in touched)}
-                for j, bj in enumerate(c.blocks):
-                    if j not in touched:
-                        bj.gains, bj.residual_gain = list(cal.blocks[j].gains), cal.blocks[j].residual_gain
-                        bj.calibration = cal.blocks[j].calibration
-                cc = calibrate(loaded, c, toks, settings, blocks=touched, cancel=cancel)
-                kl2 = calibration_kl(loaded, build(loaded, cc, "simulate"), win, cancel)
-                rec["kl"] = kl2
-                if kl2 < kl:
-                    rec["accepted"] = True
-                    cur, cal, kl = c, cc, kl2
-                    chosen.pop(k, None)
-                    if mv is not None:
-                        chosen[k] = mv
-                    else:
-                        chosen[other[0]] = other[1]
-            history.append(rec)
-            rp(trials / max(1, max_refine), f"trial {trials}: "
-               f"{'kept' if rec['accepted'] else 'rejected'}")
+    by_key = {}
+    for r in table:
+        by_key.setdefault((r["block"], _slot(r["move"])), []).append(r)
+    gain_of = {(r["block"], r["move"]): r["gain"] for r in table}
+    weakest = sorted(chosen.items(), key=lambda kv: gain_of.get((kv[0][0], kv[1]), 0.0))
+    unchosen = sorted([r for r in table if r["gain"] > 0 and (r["block"], _slot(r["move"])) not in chosen],
+                      key=ratio, reverse=True)
+    proposals = []
+    for key, mv in weakest:
+        alts = sorted([r for r in by_key.get(key, []) if r["move"] != mv and r["gain"] > 0],
+                      key=lambda r: r["gain"], reverse=True)
+        if alts:
+            proposals.append((key, alts[0]["move"], None))
+        if unchosen:
+            proposals.append((key, None, unchosen[0]))
+    for key, new_mv, other in proposals:
+        if trials >= max_refine:
+            break
+        cancel.check()
+        k = key[0]
+        c = base.copy()
+        c.embedding = replace(cur.embedding)
+        trial = {kk: vv for kk, vv in chosen.items() if kk != key}
+        if new_mv is not None:
+            trial[key] = new_mv
+        else:
+            trial[(other["block"], _slot(other["move"]))] = other["move"]
+        for (kb, _), m in sorted(trial.items()):
+            apply_move(c, kb, m)
+        ok, bpw, ms = fits(c)
+        if not ok:
+            continue
+        trials += 1
+        touched = sorted({k} | ({other["block"]} if other else set()))
+        rec = {"step": len(history), "phase": "refine", "block": k, "from": chosen[key], "to": new_mv,
+               "moved_to": (other["block"], other["move"]) if other else None, "bits_per_weight": bpw,
+               "accepted": False}
+        # keep the other blocks' calibrated tensors; recalibrate only the touched blocks
+        c.tensors = {t: v for t, v in cal.tensors.items() if not any(t.startswith(f"b{j}.") for j in touched)}
+        for j, bj in enumerate(c.blocks):
+            if j not in touched:
+                bj.gains, bj.residual_gain = list(cal.blocks[j].gains), cal.blocks[j].residual_gain
+                bj.calibration = cal.blocks[j].calibration
+        cc = cache.calibrate(loaded, c, toks, settings, blocks=touched, cancel=cancel)
+        kl2 = calibration_kl(loaded, build(loaded, cc, "simulate"), win, cancel, reference=reference)
+        rec["kl"] = kl2
+        if kl2 < kl:
+            rec["accepted"] = True
+            cur, cal, kl, chosen = c, cc, kl2, trial
+        history.append(rec)
+        rp(trials / max(1, max_refine), f"trial {trials}: {'kept' if rec['accepted'] else 'rejected'}")
     acc = accounting(cal, shape)
     cal.provenance = dict(cal.provenance)
+    per_block = {}
+    for (kb, _), m in sorted(chosen.items()):
+        per_block.setdefault(str(kb), []).append(m)
     cal.provenance["search"] = {
         "budget_bpw": budget_bpw, "budget_latency_ms": budget_latency_ms, "profile": profile,
-        "bits": bits, "group_size": group_size, "moves": list(moves),
+        "bits": bits, "group_size": group_size, "moves": list(moves), "embedding_bits": cal.embedding.bits,
         "settings": asdict(settings), "score_settings": asdict(score_settings),
-        "scores": table, "history": history, "chosen": {str(k): v for k, v in sorted(chosen.items())},
+        "scores": table, "history": history, "chosen": {k: "+".join(v) for k, v in per_block.items()},
         "kl": kl, "kl_windows": int(len(win)), "bits_per_weight": acc["bits_per_weight"],
         "latency_ms": predicted_latency_ms(cal, shape, profile), "seconds": time.perf_counter() - t_start,
     }
-    progress(1.0, f"search: {len(chosen)} blocks upgraded, {acc['bits_per_weight']:.3f} bits/weight, "
+    progress(1.0, f"search: {len(per_block)} blocks changed, {acc['bits_per_weight']:.3f} bits/weight, "
              f"calibration KL {kl:.4g}")
     return cal
 
@@ -358,99 +475,137 @@ def mlx_block_bpw(model) -> float:
     return bits_total / max(params, 1)
 
 
-def mlx_lm_baselines(loaded, cal_tokens, *, bits: int = 2, group_size: int = 64,
-                     recipes=("mixed_2_6", "mixed_3_6"), methods=("gptq", "awq", "dwq"),
-                     progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
-    """[(name, model or None, info)] of mlx-lm's own quantizations of the loaded float model.
+#: mlx-lm quantizers in the default sweep (``awq`` on a reduced calibration set: see mlx_lm_model)
+DEFAULT_MLX_LM = (("plain", 2, 64), ("plain", 2, 32), ("mixed_2_6", 2, 64), ("mixed_3_6", 2, 64),
+                  ("gptq", 2, 64), ("gptq", 2, 32), ("awq", 2, 64), ("dwq", 2, 64))
+
+
+def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: int = 64,
+                 awq_seqs: int = 8, awq_grid: int = 5):
+    """(name, model or None, info) of one of mlx-lm's own quantizations of the loaded float model.
 
     ``info``: ``embedding_bits``, ``bits_per_weight`` (block linears), ``note``, ``seconds``,
-    ``latency_uniform`` (bits, group) when a uniform roofline plan describes it."""
+    ``latency_uniform`` (bits, group) when a uniform roofline plan describes it, ``log`` (the tail
+    of what mlx-lm printed)."""
+    import contextlib
+    import io
+
     import mlx.core as mx
     import mlx.nn as nn
 
-    progress, cancel = ensure(progress, cancel)
-    out = []
-
-    def done(name, model, emb_bits, note, t0, uniform=None):
-        if model is not None:
-            mx.eval(model.parameters())
-        out.append((name, model, {"embedding_bits": emb_bits, "note": note, "seconds": time.perf_counter() - t0,
-                                  "bits_per_weight": mlx_block_bpw(model) if model is not None else math.nan,
-                                  "latency_uniform": uniform}))
-        progress(None, f"mlx-lm baseline {name} ready")
-
-    # plain conversion (mlx_lm.convert -q): nn.quantize of every Linear and the Embedding
     t0 = time.perf_counter()
-    m = _fresh_mlx_lm(loaded)
-    nn.quantize(m, group_size=group_size, bits=bits)
-    done(f"mlx-lm {bits}-bit g{group_size}", m, bits,
-         "mlx_lm.convert-equivalent (nn.quantize; embedding/head quantized too)", t0, (bits, group_size))
-    # mixed-precision recipes (mlx_lm.convert --quant-predicate)
-    from mlx_lm.convert import mixed_quant_predicate_builder
+    buf = io.StringIO()
+    model, emb_bits, uniform, note = None, None, None, ""
+    if method == "plain":
+        name = f"mlx-lm {bits}-bit g{group_size}"
+    elif method.startswith("mixed_"):
+        name = f"mlx-lm {method} g{group_size}"
+    else:
+        name = f"mlx-lm {method.upper()} {bits}-bit g{group_size}"
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            if method == "plain":
+                model = _fresh_mlx_lm(loaded)
+                nn.quantize(model, group_size=group_size, bits=bits)
+                emb_bits, uniform = bits, (bits, group_size)
+                note = "mlx_lm.convert-equivalent (nn.quantize; embedding/head quantized too)"
+            elif method.startswith("mixed_"):
+                from mlx_lm.convert import mixed_quant_predicate_builder
 
-    for recipe in recipes:
-        cancel.check()
-        t0 = time.perf_counter()
-        m = _fresh_mlx_lm(loaded)
-        pred = mixed_quant_predicate_builder(recipe, m, group_size)
+                model = _fresh_mlx_lm(loaded)
+                pred = mixed_quant_predicate_builder(method, model, group_size)
 
-        def cls_pred(path, module, pred=pred):
-            if not hasattr(module, "to_quantized"):
-                return False
-            return pred(path, module)
+                def cls_pred(path, module, pred=pred):
+                    return hasattr(module, "to_quantized") and pred(path, module)
 
-        nn.quantize(m, group_size=group_size, bits=bits, class_predicate=cls_pred)
-        emb = getattr(m.model.embed_tokens, "bits", None)
-        done(f"mlx-lm {recipe}", m, emb, f"mlx_lm.convert --quant-predicate {recipe} (v_proj/down_proj of "
-             "some blocks and lm_head at high bits; latency not predicted: per-matrix bits)", t0)
-    calib = mx.array(np.asarray(cal_tokens))
-    for meth in methods:
-        cancel.check()
-        t0 = time.perf_counter()
-        if meth == "gptq":
-            try:
+                nn.quantize(model, group_size=group_size, bits=bits, class_predicate=cls_pred)
+                emb_bits = getattr(model.model.embed_tokens, "bits", None)
+                note = (f"mlx_lm.convert --quant-predicate {method} (some v_proj/down_proj and lm_head at "
+                        "high bits; latency not predicted: per-matrix bits)")
+            elif method == "gptq":
                 from mlx_lm.quant.gptq import gptq_quantize
 
-                m = _fresh_mlx_lm(loaded)
-                emb = m.model.embed_tokens
-                m, _ = gptq_quantize(m, calib, bits, group_size, 8, group_size, batch_size=4)
-                m.model.embed_tokens = emb  # keep the float embedding (the fallback would quantize it)
-                done(f"mlx-lm GPTQ {bits}-bit g{group_size}", m, None,
-                     "mlx_lm.quant.gptq.gptq_quantize on the local calibration tokens (its CLI's "
-                     "load_data downloads a calibration text; the function takes tokens); embedding float",
-                     t0, (bits, group_size))
-            except Exception as e:  # noqa: BLE001
-                done(f"mlx-lm GPTQ {bits}-bit g{group_size}", None, None, f"failed: {e}", t0)
-        elif meth == "awq":
-            try:
+                model = _fresh_mlx_lm(loaded)
+                emb = model.model.embed_tokens
+                model, _ = gptq_quantize(model, mx.array(np.asarray(cal_tokens)), bits, group_size, 8,
+                                         group_size, batch_size=4)
+                model.model.embed_tokens = emb  # keep the float embedding (its fallback would quantize it)
+                uniform = (bits, group_size)
+                note = ("mlx_lm.quant.gptq.gptq_quantize on the local calibration tokens (its CLI's "
+                        "load_data downloads a calibration text; the function takes tokens); embedding float")
+            elif method == "awq":
                 from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize
 
                 mt = loaded.config.get("model_type", "llama")
                 if mt not in AWQ_MODEL_CONFIGS:
                     raise DupstudioError(f"AWQ has no configuration for model type {mt}")
-                m = _fresh_mlx_lm(loaded)
-                emb = m.model.embed_tokens
-                awq_quantize(m, calib, AWQ_MODEL_CONFIGS[mt], group_size=group_size, bits=bits,
-                             embed_group_size=group_size, embed_bits=8, n_grid=10)
-                m.model.embed_tokens = emb
-                done(f"mlx-lm AWQ {bits}-bit g{group_size}", m, None,
-                     "mlx_lm.quant.awq.awq_quantize on the local calibration tokens (n_grid 10; its CLI's "
-                     "load_data downloads a calibration text; the function takes tokens); embedding float",
-                     t0, (bits, group_size))
-            except Exception as e:  # noqa: BLE001
-                done(f"mlx-lm AWQ {bits}-bit g{group_size}", None, None, f"failed: {e}", t0)
-        elif meth == "dwq":
-            done(f"mlx-lm DWQ {bits}-bit g{group_size}", None, None,
-                 "not run offline: mlx_lm.quant.dwq.load_data takes a Hugging Face dataset name "
-                 "(tuner.datasets.load_dataset with hf_dataset) and fetches it from the hub; its "
-                 "dwq_quantize is whole-model logit distillation from a quantized start, not wired to "
-                 "local text here", t0)
+                model = _fresh_mlx_lm(loaded)
+                emb = model.model.embed_tokens
+                toks = np.asarray(cal_tokens)[:awq_seqs]
+                awq_quantize(model, mx.array(toks), AWQ_MODEL_CONFIGS[mt], group_size=group_size, bits=bits,
+                             embed_group_size=group_size, embed_bits=8, n_grid=awq_grid)
+                model.model.embed_tokens = emb
+                uniform = (bits, group_size)
+                note = (f"mlx_lm.quant.awq.awq_quantize on {len(toks)} local calibration sequences, n_grid "
+                        f"{awq_grid} (reduced: ~1 min/block on 2 cores at 32 sequences, n_grid 10); its CLI's "
+                        "load_data downloads a calibration text; embedding float")
+            elif method == "dwq":
+                note = ("not run offline: mlx_lm.quant.dwq's CLI loads its calibration data with "
+                        "load_data → a Hugging Face dataset name fetched from the hub, and its "
+                        "dwq_quantize is whole-model logit distillation (a training loop, hours on 2 "
+                        "cores) that dupstudio does not wire to local text")
+            else:
+                raise DupstudioError(f"unknown mlx-lm method {method!r}")
+            if model is not None:
+                mx.eval(model.parameters())
+    except Exception as e:  # noqa: BLE001 - a failed baseline is a row that says why
+        model, note = None, f"failed: {type(e).__name__}: {e}"
+    info = {"embedding_bits": emb_bits, "note": note, "seconds": time.perf_counter() - t0,
+            "bits_per_weight": mlx_block_bpw(model) if model is not None else math.nan,
+            "latency_uniform": uniform, "log": buf.getvalue()[-2000:]}
+    return name, model, info
+
+
+def mlx_lm_baselines(loaded, cal_tokens, *, methods=DEFAULT_MLX_LM, progress: Optional[ProgressFn] = None,
+                     cancel: Optional[CancelToken] = None, **kw):
+    """[(name, model or None, info)] for each (method, bits, group_size) of ``methods``."""
+    progress, cancel = ensure(progress, cancel)
+    out = []
+    for i, (meth, b, g) in enumerate(methods):
+        cancel.check()
+        out.append(mlx_lm_model(loaded, cal_tokens, meth, bits=b, group_size=g, **kw))
+        progress((i + 1) / len(methods), f"mlx-lm baseline {out[-1][0]} ready")
     return out
 
 
 # --------------------------------------------------------------------------- sweep
-def default_configs(loaded, *, bits: int = 2, group_size: int = 64) -> list:
-    """[(name, config, calibrate?)] of the standard sweep."""
+@dataclass
+class SweepJob:
+    """One row of the sweep. ``kind``: fp | config (``cfg``, calibrated if ``calibrate``) |
+    search (``budget_bpw``) | mlx-lm (``method``, ``bits``, ``group_size``). ``cost``: rough
+    seconds on the default model on 2 cores, used to balance ranks."""
+    name: str
+    kind: str
+    cfg: object = None
+    calibrate: bool = False
+    budget_bpw: Optional[float] = None
+    method: Optional[str] = None
+    bits: int = 2
+    group_size: int = 64
+    cost: float = 30.0
+
+
+#: optional configurations (``--extra``): name -> (bits, group, replicas, mode, granularity)
+EXTRA_CONFIGS = {
+    "k1-g32": (2, 32, 1, "serial", "group"),
+    "k2-serial": (2, 64, 2, "serial", "group"),
+    "k2-parallel": (2, 64, 2, "parallel", "group"),
+    "k2-serial-channel": (2, 64, 2, "serial", "channel"),
+}
+
+
+def default_configs(loaded, *, bits: int = 2, group_size: int = 64, extra=()) -> list:
+    """[(name, config, calibrate?)]: RTN 2/3/4-bit, calibrated K=1, and the ``extra`` ones."""
     from dupstudio.core.config import new_config
 
     shape = _shape(loaded)
@@ -458,108 +613,201 @@ def default_configs(loaded, *, bits: int = 2, group_size: int = 64) -> list:
     out = []
     for b in (2, 3, 4):
         out.append((f"RTN {b}-bit g{group_size}", new_config(shape, source=src, bits=b, group_size=group_size), False))
-    out.append((f"calibrated K=1 {bits}-bit g{group_size}", new_config(shape, source=src, bits=bits,
-                                                                       group_size=group_size), True))
-    for mode in ("serial", "parallel"):
-        out.append((f"calibrated K=2 {mode} {bits}-bit g{group_size}",
-                    new_config(shape, source=src, bits=bits, group_size=group_size, replicas=2, mode=mode), True))
+    out.append((f"calibrated K=1 {bits}-bit g{group_size}",
+                new_config(shape, source=src, bits=bits, group_size=group_size), True))
+    for key in extra:
+        if key not in EXTRA_CONFIGS:
+            raise DupstudioError(f"unknown extra configuration {key!r} (use {', '.join(EXTRA_CONFIGS)})")
+        b, g, k, mode, gran = EXTRA_CONFIGS[key]
+        c = new_config(shape, source=src, bits=b, group_size=g, replicas=k, mode=mode)
+        for blk in c.blocks:
+            for r in blk.replica[1:]:
+                r.granularity, r.init = gran, "copy"
+        label = {"k1-g32": f"calibrated K=1 {b}-bit g{g}"}.get(key, f"calibrated K={k} {mode}"
+                                                                   f"{' channel' if gran == 'channel' else ''} "
+                                                                   f"{b}-bit g{g}")
+        out.append((label, c, True))
     return out
 
 
-def sweep(loaded, cal_tokens: np.ndarray, eval_windows: np.ndarray, *, budget_bpw: float = 2.5,
-          budget_latency_ms: Optional[float] = None, profile: str = "apple-m1-pro", settings=None,
-          configs: Optional[list] = None, with_search: bool = True, search_kwargs: Optional[dict] = None,
-          mlx_lm: bool = True, mlx_lm_kwargs: Optional[dict] = None, batch_size: int = 4,
-          on_config: Optional[Callable] = None, progress: Optional[ProgressFn] = None,
-          cancel: Optional[CancelToken] = None):
-    """Evaluate configurations and baselines. Returns (DataFrame, {name: Config}).
+def sweep_jobs(loaded, *, budgets=(2.5, 3.0), bits: int = 2, group_size: int = 64, extra=(),
+               configs: Optional[list] = None, with_search: bool = True, mlx_lm=DEFAULT_MLX_LM) -> list:
+    """The sweep's rows as jobs, in the order of the table."""
+    jobs = [SweepJob("full precision", "fp", cost=30)]
+    for name, cfg, cal in (default_configs(loaded, bits=bits, group_size=group_size, extra=extra)
+                           if configs is None else configs):
+        reps = max(b.replicas for b in cfg.blocks)
+        jobs.append(SweepJob(name, "config", cfg=cfg, calibrate=cal, cost=(550 * reps if cal else 30)))
+    if with_search:
+        for b in budgets:
+            jobs.append(SweepJob(f"search ≤{b:g} bpw", "search", budget_bpw=float(b), bits=bits,
+                                 group_size=group_size, cost=1500))
+    for meth, b, g in (mlx_lm or ()):
+        jobs.append(SweepJob("", "mlx-lm", method=meth, bits=b, group_size=g,
+                             cost={"gptq": 120, "awq": 300, "dwq": 1}.get(meth, 35)))
+    return jobs
 
-    Columns: name, source (dupstudio/mlx-lm/fp), bits_per_weight, embedding_bits, ppl, ppl_lo,
-    ppl_hi, kl, top1, latency_ms (predicted decode, ``profile``), within_budget, seconds, note."""
-    import pandas as pd
 
-    from dupstudio.core.calibrate import calibrate
-    from dupstudio.core.evaluate import evaluate
-    from dupstudio.core.replicate import accounting, build
+class SweepContext:
+    """What every job of one sweep shares: the model, the texts, the settings, a calibration
+    cache, the cached full-precision reference of the evaluation windows and of the search's KL
+    windows, and the search's move scores."""
 
-    progress, cancel = ensure(progress, cancel)
-    shape = _shape(loaded)
-    settings = _fast(settings)
-    configs = default_configs(loaded) if configs is None else configs
-    rows, cfgs = [], {}
-    total = len(configs) + (1 if with_search else 0) + (1 if mlx_lm else 0) + 1
-    step = [0]
+    def __init__(self, loaded, cal_tokens, eval_windows, *, settings=None, profile="apple-m1-pro",
+                 budget_latency_ms=None, batch_size=4, search_kwargs=None, mlx_lm_kwargs=None,
+                 cache_reference: Optional[bool] = None):
+        self.loaded, self.cal, self.ev = loaded, np.asarray(cal_tokens), np.asarray(eval_windows)
+        self.settings = _fast(settings)
+        self.profile, self.budget_latency_ms, self.batch_size = profile, budget_latency_ms, batch_size
+        self.search_kwargs = dict(search_kwargs or {})
+        self.mlx_lm_kwargs = dict(mlx_lm_kwargs or {})
+        self.cache = CalibrationCache()
+        self.shape = _shape(loaded)
+        self.cache_reference = cache_reference
+        self._ref = None
+        self._kl_ref = None
+        self.scores = {}
 
-    def sub(msg):
-        s = step[0]
-        step[0] += 1
-        return _sub_progress(progress, s / total, (s + 1) / total, msg)
+    def reference(self, cancel=None):
+        """The evaluation reference: cached log-probs when they take < 1/4 of available memory."""
+        from dupstudio.core.evaluate import CachedReference
 
-    def ev(model, name):
-        r = evaluate(model, eval_windows, reference=loaded.model, batch_size=batch_size, cancel=cancel)
+        if self._ref is None:
+            want = self.cache_reference
+            if want is None:
+                from dupstudio.core.streaming import available_memory
+
+                need = CachedReference.estimate_bytes(self.ev, self.shape["vocab_size"])
+                want = need < available_memory() / 4
+            self._ref = (CachedReference(self.loaded.model, self.ev, batch_size=self.batch_size, cancel=cancel)
+                         if want else self.loaded.model)
+        return self._ref
+
+    def evaluate(self, model, cancel=None) -> dict:
+        from dupstudio.core.evaluate import evaluate
+
+        r = evaluate(model, self.ev, reference=self.reference(cancel), batch_size=self.batch_size, cancel=cancel)
         return {"ppl": r.ppl, "ppl_lo": r.ppl_ci95[0], "ppl_hi": r.ppl_ci95[1], "kl": r.kl,
                 "top1": r.top1_agreement}
 
-    def add(row):
-        row["within_budget"] = bool(row["bits_per_weight"] <= budget_bpw + 1e-9 and
-                                    (budget_latency_ms is None or
-                                     (not math.isnan(row.get("latency_ms", math.nan)) and
-                                      row["latency_ms"] <= budget_latency_ms)))
+
+def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> tuple:
+    """(row dict, Config or None) of one sweep job."""
+    from dupstudio.core.replicate import accounting, build
+
+    progress, cancel = ensure(progress, cancel)
+    t0 = time.perf_counter()
+    shape, profile = ctx.shape, ctx.profile
+    if job.kind == "fp":
+        from dupstudio.core.evaluate import evaluate
+
+        r = evaluate(ctx.loaded.model, ctx.ev, batch_size=ctx.batch_size, cancel=cancel)
+        row = {"name": job.name, "source": "fp", "bits_per_weight": 16.0, "embedding_bits": None,
+               "ppl": r.ppl, "ppl_lo": r.ppl_ci95[0], "ppl_hi": r.ppl_ci95[1], "kl": 0.0, "top1": 1.0,
+               "latency_ms": predicted_latency_ms(None, shape, profile, fp=True), "note": ""}
+        cfg = None
+    elif job.kind == "config":
+        cfg = job.cfg
+        if job.calibrate:
+            cfg = ctx.cache.calibrate(ctx.loaded, cfg, ctx.cal, ctx.settings, progress=progress, cancel=cancel)
+        row = {"name": job.name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
+               "embedding_bits": cfg.embedding.bits, **ctx.evaluate(build(ctx.loaded, cfg, "simulate"), cancel),
+               "latency_ms": predicted_latency_ms(cfg, shape, profile),
+               "note": "calibrated (preset settings)" if job.calibrate else ""}
+    elif job.kind == "search":
+        kw = dict(ctx.search_kwargs)
+        kw.setdefault("settings", ctx.settings)
+        skey = (job.bits, job.group_size)
+        if ctx._kl_ref is None:
+            from dupstudio.core.evaluate import CachedReference
+
+            ctx._kl_ref = CachedReference(ctx.loaded.model, _kl_windows(ctx.cal, kw.get("kl_windows", 8)),
+                                          cancel=cancel)
+        cfg = search(ctx.loaded, ctx.cal, job.budget_bpw, ctx.budget_latency_ms, profile, bits=job.bits,
+                     group_size=job.group_size, cache=ctx.cache, scores=ctx.scores.get(skey),
+                     reference=ctx._kl_ref, progress=progress, cancel=cancel, **kw)
+        sc = cfg.provenance["search"]["scores"]
+        if sc:
+            ctx.scores.setdefault(skey, [{k: r[k] for k in ("block", "move", "loss_base", "loss", "gain")}
+                                         for r in sc])
+        chosen = cfg.provenance["search"]["chosen"]
+        row = {"name": job.name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
+               "embedding_bits": cfg.embedding.bits, **ctx.evaluate(build(ctx.loaded, cfg, "simulate"), cancel),
+               "latency_ms": predicted_latency_ms(cfg, shape, profile),
+               "note": (f"changed blocks: {chosen}" if chosen else "no move fits/helps: the calibrated base")}
+    elif job.kind == "mlx-lm":
+        name, model, info = mlx_lm_model(ctx.loaded, ctx.cal, job.method, bits=job.bits, group_size=job.group_size,
+                                         **ctx.mlx_lm_kwargs)
+        met = ctx.evaluate(model, cancel) if model is not None else {k: math.nan for k in
+                                                                     ("ppl", "ppl_lo", "ppl_hi", "kl", "top1")}
+        u, emb = info["latency_uniform"], info["embedding_bits"]
+        lat = (_predicted_uniform_ms(shape, profile, u[0], u[1], emb if emb else 16)
+               if u and model is not None else math.nan)
+        row = {"name": name, "source": "mlx-lm", "bits_per_weight": info["bits_per_weight"],
+               "embedding_bits": emb, **met, "latency_ms": lat, "note": info["note"]}
+        cfg = None
+        del model
+    else:
+        raise DupstudioError(f"unknown sweep job kind {job.kind!r}")
+    row["seconds"] = time.perf_counter() - t0
+    row["within_budget"] = False
+    progress(1.0, f"{row['name']}: ppl {row['ppl']:.4g}" if not math.isnan(row["ppl"]) else f"{row['name']}: n/a")
+    return row, cfg
+
+
+def mark_budgets(df, budgets, budget_latency_ms=None):
+    """Add ``within_budget`` (the first budget) and one ``within_<b>`` column per budget."""
+    budgets = list(budgets)
+    for b in budgets:
+        ok = df["bits_per_weight"] <= b + 1e-9
+        if budget_latency_ms is not None:
+            ok = ok & df["latency_ms"].notna() & (df["latency_ms"] <= budget_latency_ms + 1e-9)
+        df[f"within_{b:g}"] = ok.astype(bool)
+    df["within_budget"] = df[f"within_{budgets[0]:g}"] if budgets else False
+    return df
+
+
+def sweep(loaded, cal_tokens: np.ndarray, eval_windows: np.ndarray, *, budget_bpw=(2.5, 3.0),
+          budget_latency_ms: Optional[float] = None, profile: str = "apple-m1-pro", settings=None,
+          configs: Optional[list] = None, extra=(), with_search: bool = True,
+          search_kwargs: Optional[dict] = None, mlx_lm=True, mlx_lm_kwargs: Optional[dict] = None,
+          batch_size: int = 4, jobs: Optional[list] = None, on_config: Optional[Callable] = None,
+          progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
+    """Evaluate configurations, budgeted searches and mlx-lm baselines on the same windows.
+    Returns (DataFrame, {name: Config}).
+
+    Columns: name, source (dupstudio/mlx-lm/fp), bits_per_weight, embedding_bits, ppl, ppl_lo,
+    ppl_hi, kl, top1, latency_ms (predicted decode, ``profile``), seconds, note, within_budget
+    (first budget) and within_<b> per budget. ``budget_bpw``: one number or several (a search
+    runs for each). ``jobs``: run only these (see :func:`sweep_jobs`; the distributed sweep
+    gives each rank its share)."""
+    import pandas as pd
+
+    progress, cancel = ensure(progress, cancel)
+    budgets = [float(budget_bpw)] if isinstance(budget_bpw, (int, float)) else [float(b) for b in budget_bpw]
+    if jobs is None:
+        methods = DEFAULT_MLX_LM if mlx_lm is True else (mlx_lm or ())
+        jobs = sweep_jobs(loaded, budgets=budgets, extra=extra, configs=configs, with_search=with_search,
+                          mlx_lm=methods)
+    ctx = SweepContext(loaded, cal_tokens, eval_windows, settings=settings, profile=profile,
+                       budget_latency_ms=budget_latency_ms, batch_size=batch_size,
+                       search_kwargs=search_kwargs, mlx_lm_kwargs=mlx_lm_kwargs)
+    total = sum(j.cost for j in jobs) or 1.0
+    done = 0.0
+    rows, cfgs = [], {}
+    for job in jobs:
+        cancel.check()
+        p = _sub_progress(progress, done / total, (done + job.cost) / total, f"{job.name or job.method}: ")
+        row, cfg = run_job(ctx, job, progress=p, cancel=cancel)
+        if cfg is not None:
+            cfgs[row["name"]] = cfg
         rows.append(row)
         if on_config:
             on_config(row)
-
-    # full precision
-    t0 = time.perf_counter()
-    r = evaluate(loaded.model, eval_windows, batch_size=batch_size, cancel=cancel)
-    add({"name": "full precision", "source": "fp", "bits_per_weight": 16.0, "embedding_bits": None,
-         "ppl": r.ppl, "ppl_lo": r.ppl_ci95[0], "ppl_hi": r.ppl_ci95[1], "kl": 0.0, "top1": 1.0,
-         "latency_ms": predicted_latency_ms(None, shape, profile, fp=True), "seconds": time.perf_counter() - t0,
-         "note": ""})
-    sub("fp")(1.0, "full precision evaluated")
-    for name, cfg, do_cal in configs:
-        cancel.check()
-        t0 = time.perf_counter()
-        p = sub(f"{name}: ")
-        if do_cal:
-            cfg = calibrate(loaded, cfg, cal_tokens, settings, progress=p, cancel=cancel)
-        cfgs[name] = cfg
-        row = {"name": name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
-               "embedding_bits": cfg.embedding.bits, **ev(build(loaded, cfg, "simulate"), name),
-               "latency_ms": predicted_latency_ms(cfg, shape, profile),
-               "seconds": time.perf_counter() - t0, "note": "calibrated (preset settings)" if do_cal else ""}
-        add(row)
-        p(1.0, f"{name}: ppl {row['ppl']:.4g}")
-    if with_search:
-        cancel.check()
-        t0 = time.perf_counter()
-        p = sub("search: ")
-        kw = dict(search_kwargs or {})
-        kw.setdefault("settings", settings)
-        cfg = search(loaded, cal_tokens, budget_bpw, budget_latency_ms, profile, progress=p, cancel=cancel, **kw)
-        name = f"search ≤{budget_bpw:g} bpw"
-        cfgs[name] = cfg
-        add({"name": name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
-             "embedding_bits": cfg.embedding.bits, **ev(build(loaded, cfg, "simulate"), name),
-             "latency_ms": predicted_latency_ms(cfg, shape, profile), "seconds": time.perf_counter() - t0,
-             "note": f"blocks upgraded: {cfg.provenance['search']['chosen']}"})
-    if mlx_lm:
-        p = sub("mlx-lm: ")
-        for name, model, info in mlx_lm_baselines(loaded, cal_tokens, progress=p, cancel=cancel,
-                                                  **(mlx_lm_kwargs or {})):
-            cancel.check()
-            t0 = time.perf_counter()
-            met = ev(model, name) if model is not None else {k: math.nan for k in
-                                                             ("ppl", "ppl_lo", "ppl_hi", "kl", "top1")}
-            u = info["latency_uniform"]
-            emb = info["embedding_bits"]
-            lat = (_predicted_uniform_ms(shape, profile, u[0], u[1], emb if emb else 16)
-                   if u and model is not None else math.nan)
-            add({"name": name, "source": "mlx-lm", "bits_per_weight": info["bits_per_weight"],
-                 "embedding_bits": emb, **met, "latency_ms": lat,
-                 "seconds": info["seconds"] + time.perf_counter() - t0, "note": info["note"]})
+        done += job.cost
     progress(1.0, f"sweep: {len(rows)} rows")
-    df = pd.DataFrame(rows)
+    df = mark_budgets(pd.DataFrame(rows), budgets, budget_latency_ms)
+    df.attrs["calibration_cache_hits"] = ctx.cache.hits
     return df, cfgs
 
 
@@ -576,11 +824,18 @@ def pareto_front(df, x: str = "bits_per_weight", y: str = "ppl"):
     return front
 
 
-def best_within_budget(df, cfgs: dict):
-    """(name, Config) of the lowest-perplexity dupstudio configuration within the budget, or (None, None)."""
-    d = df[(df["source"] == "dupstudio") & df["within_budget"] & df["ppl"].notna()]
-    d = d[d["name"].isin(list(cfgs))]
+def best_within_budget(df, cfgs: dict, budget: Optional[float] = None, source: str = "dupstudio"):
+    """(name, Config or None) of the lowest-perplexity row of ``source`` within ``budget`` bits per
+    weight (default: the first budget's ``within_budget`` column), or (None, None)."""
+    col = "within_budget" if budget is None else f"within_{budget:g}"
+    if col not in df:
+        ok = df["bits_per_weight"] <= budget + 1e-9
+    else:
+        ok = df[col].astype(bool)
+    d = df[(df["source"] == source) & ok & df["ppl"].notna()]
+    if source == "dupstudio":
+        d = d[d["name"].isin(list(cfgs))]
     if d.empty:
         return None, None
     name = d.sort_values("ppl").iloc[0]["name"]
-    return name, cfgs[name]
+    return name, cfgs.get(name)

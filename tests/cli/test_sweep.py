@@ -12,17 +12,20 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
     text = tmp_path / "text.txt"
     text.write_text(tiny_text(), encoding="utf-8")
     out = tmp_path / "sweep"
-    code = main(["sweep", str(tiny_model_dir), "--budget-bpw", "2.6", "--text-cal", str(text),
+    code = main(["sweep", str(tiny_model_dir), "--budget-bpw", "2.6", "3.0", "--text-cal", str(text),
                    "--text-eval", str(text), "--out", str(out), "--windows", "2", "--ctx", "32",
                    "--seqs", "4", "--seq-len", "32", "--steps", "2", "--batch", "4",
-                   "--kl-windows", "2", "--max-refine", "1"])
+                   "--kl-windows", "2", "--max-refine", "1",
+                   "--extra", "k2-serial,k2-parallel,k2-serial-channel",
+                   "--mlx-lm", "plain:2:64,mixed_2_6:2:64,gptq:2:32,dwq:2:64"])
     _, err = capsys.readouterr()
     assert code == 0, err
     df = pd.read_csv(out / "sweep.csv")
     names = list(df["name"])
     for want in ("RTN 2-bit g64", "RTN 3-bit g64", "RTN 4-bit g64", "calibrated K=1 2-bit g64",
                  "calibrated K=2 serial 2-bit g64", "calibrated K=2 parallel 2-bit g64",
-                 "search ≤2.6 bpw", "mlx-lm 2-bit g64", "mlx-lm mixed_2_6"):
+                 "calibrated K=2 serial channel 2-bit g64", "search ≤2.6 bpw", "search ≤3 bpw",
+                 "mlx-lm 2-bit g64", "mlx-lm mixed_2_6 g64", "mlx-lm GPTQ 2-bit g32"):
         assert want in names, want
     for col in ("ppl", "ppl_lo", "ppl_hi", "kl", "top1", "bits_per_weight", "latency_ms", "note"):
         assert col in df.columns
@@ -35,6 +38,14 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
     assert best["schema_version"] == 1 and best["provenance"]["sweep"]["budget_bpw"] == 2.6
     row = df[df["name"] == best["provenance"]["sweep"]["chosen"]].iloc[0]
     assert row["bits_per_weight"] <= 2.6 + 1e-9
+    best3 = json.loads((out / "best_3.json").read_text())
+    row3 = df[df["name"] == best3["provenance"]["sweep"]["chosen"]].iloc[0]
+    assert row3["bits_per_weight"] <= 3.0 + 1e-9
+    assert row3["ppl"] == df[(df["source"] == "dupstudio") & df["within_3"]]["ppl"].min()
+    # the GPTQ g32 baseline sits at 3.0 bits/weight (2 bits + two float16 values per 32)
+    assert abs(df[df["name"] == "mlx-lm GPTQ 2-bit g32"].iloc[0]["bits_per_weight"] - 3.0) < 1e-9
+    md = (out / "summary.md").read_text()
+    assert "best within 2.6 bits/weight" in md and "best within 3 bits/weight" in md and "RTN 3-bit" in md
     for png in ("ppl_vs_bpw.png", "ppl_vs_latency.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

@@ -57,7 +57,7 @@ def test_search_action_replaces_the_config_undoably(window, qtbot, tiny_text_fil
     before = p.config
     before_dict = before.to_dict()
     st = settings_from("fast", seqs=4, seq_len=32, steps=2, batch=4)
-    window.ask_search_settings = lambda: {"budget_bpw": 2.6, "budget_latency_ms": None,
+    window.ask_search_settings = lambda: {"budget_bpw": 2.7, "budget_latency_ms": None,
                                           "text": str(tiny_text_file), "settings": st,
                                           "kl_windows": 2, "max_refine": 0}
     assert window.search_action.isEnabled()
@@ -67,13 +67,13 @@ def test_search_action_replaces_the_config_undoably(window, qtbot, tiny_text_fil
     assert sig.args == ["done"], window.error_message
     after = p.config
     assert after is not before and not p.locked and window.search_action.isEnabled()
-    assert "search" in after.provenance and after.provenance["search"]["budget_bpw"] == 2.6
-    assert after.provenance["search"]["chosen"]  # 2.6 bits/weight leaves room for a replica
+    assert "search" in after.provenance and after.provenance["search"]["budget_bpw"] == 2.7
+    assert after.provenance["search"]["chosen"]  # 2.7 bits/weight leaves room for a g32 block
     assert any(b.replicas > 1 or b.group_size is not None for b in after.blocks)
     shown = [m.index(k, COL["replicas"]).data() for k in range(m.rowCount())]
     assert shown == [str(b.replicas) for b in after.blocks]
     assert "Search" in window.banner.text()
-    assert p.undo_stack.undoText().startswith("Search (2.6")
+    assert p.undo_stack.undoText().startswith("Search (2.7")
     p.undo_stack.undo()
     assert p.config is before and p.config.to_dict() == before_dict
     assert [m.index(k, COL["replicas"]).data() for k in range(m.rowCount())] == ["1"] * m.rowCount()
