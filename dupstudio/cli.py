@@ -21,6 +21,7 @@ COMMANDS = [
     "bench",
     "export",
     "sweep",
+    "sensitivity",
 ]
 
 

@@ -5,8 +5,9 @@
 Default model: the default model (SmolLM2-135M, ``open_model(None)``). The script drives the
 window as a user would: replicates a few blocks, calibrates (fast, few tokens), evaluates the
 float model and the configuration on a few windows, generates side by side, measures decode
-latency, then grabs each tab with ``QWidget.grab()`` (Qt's offscreen platform; no display needed;
-pyqtgraph's SVG export is broken on recent PySide6, so PNG). Settings go to a temporary file,
+latency, runs Tools ▸ Sensitivity… (few tokens), then grabs each tab (and the sensitivity dock)
+with ``QWidget.grab()`` (Qt's offscreen platform; no display needed; pyqtgraph's SVG export is
+broken on recent PySide6, so PNG). Settings go to a temporary file,
 never the user's. On Linux run it with OpenBLAS preloaded (as `make` does) for speed.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib-text", default=None, help="calibration text (default: resources/calibration, "
                                                       "else ../shared/data/wikitext2-valid.txt)")
     p.add_argument("--eval-text", default=None, help="evaluation text (default: ../shared/data/wikitext2-test.txt)")
-    p.add_argument("--tabs", default="all", help="comma-separated tabs to grab (default all)")
+    p.add_argument("--tabs", default="all", help="comma-separated tabs (and the sensitivity dock) to grab (default all)")
     p.add_argument("--timeout", type=float, default=1800.0)
     args = p.parse_args(argv)
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.timeout
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = TABS if args.tabs == "all" else tuple(t.strip() for t in args.tabs.split(","))
+    extra = ("sensitivity",)  # docks, not tabs
+    wanted = TABS + extra if args.tabs == "all" else tuple(t.strip() for t in args.tabs.split(","))
 
     def pump(cond, what: str, limit: float | None = None) -> None:
         end = min(deadline, time.monotonic() + limit) if limit else deadline
@@ -162,6 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         r.measure()
         pump(lambda: bool(meas), "the decode measurement")
         grab("roofline")
+
+        # Tools ▸ Sensitivity… (a dock): every block, few tokens, then "use the result"
+        if "sensitivity" in wanted and text:
+            from dupstudio.core.calibrate import settings_from
+
+            sens = []
+            win.sensitivity_finished.connect(sens.append)
+            win.run_sensitivity({"text": text, "blocks": None, "mode": "serial", "with_replica": True,
+                                 "kl_windows": 2, "settings": settings_from("fast", steps=8, seqs=4, seq_len=128,
+                                                                             batch=4)})
+            pump(lambda: bool(sens), "the sensitivity")
+            print(f"sensitivity: {sens[0]} — {win.status_text()}", flush=True)
+            dock = win.sensitivity_dock
+            dock.setFloating(True)
+            dock.resize(900, 820)
+            pump(lambda: True, "layout")
+            path = out / "sensitivity.png"
+            if not dock.grab().save(str(path), "PNG"):
+                raise OSError(f"could not write {path}")
+            print(path, flush=True)
         return 0
     except TimeoutError as e:
         print(f"screenshots: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
@@ -21,6 +22,7 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QInputDialog,
     QLabel,
+    QLineEdit,
     QMainWindow,
     QMessageBox,
     QProgressBar,
@@ -41,7 +43,8 @@ from dupstudio.gui.panels.generation import GenerationPanel
 from dupstudio.gui.panels.layers import LayersPanel, TotalsBar
 from dupstudio.gui.panels.model import ModelPanel
 from dupstudio.gui.panels.roofline import RooflinePanel
-from dupstudio.gui.project import Project, common_group_sizes, snapshot
+from dupstudio.gui.panels.sensitivity import SensitivityPanel
+from dupstudio.gui.project import Project, baseline_config, common_group_sizes, snapshot
 from dupstudio.gui.widgets import Banner, PathEdit, fmt_seconds
 from dupstudio.gui.worker import BACKGROUND, JobRunner
 
@@ -157,6 +160,52 @@ class SearchDialog(QDialog):
                 "text": self.text.path()}
 
 
+class SensitivityDialog(QDialog):
+    """Calibration text, blocks, replica mode and KL windows of the per-block sensitivity
+    (Tools ▸ Sensitivity…)."""
+
+    def __init__(self, text: str, num_blocks: int, note: str = "", parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        from dupstudio.core.config import MODES
+
+        self.setWindowTitle("Per-block sensitivity")
+        form = QFormLayout(self)
+        self.text = PathEdit("Choose a calibration text")
+        if text:
+            self.text.set_path(text)
+        self.blocks = QLineEdit()
+        self.blocks.setPlaceholderText(f"all {num_blocks} (or e.g. 0,5,10-12)")
+        self.mode = QComboBox()
+        for m in MODES:
+            self.mode.addItem(m, m)
+        self.replica = QCheckBox("calibrate a second replica of each block (K = 2)")
+        self.replica.setChecked(True)
+        self.replica.toggled.connect(self.mode.setEnabled)
+        self.kl_windows = QSpinBox()
+        self.kl_windows.setRange(1, 256)
+        self.kl_windows.setValue(8)
+        form.addRow("Calibration text", self.text)
+        form.addRow("Blocks", self.blocks)
+        form.addRow("", self.replica)
+        form.addRow("Second replica mode", self.mode)
+        form.addRow("KL windows", self.kl_windows)
+        if note:
+            lab = QLabel(note)
+            lab.setWordWrap(True)
+            lab.setStyleSheet("QLabel { color: #666; }")
+            form.addRow(lab)
+        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        bb.button(QDialogButtonBox.Ok).setText("Measure")
+        bb.accepted.connect(self.accept)
+        bb.rejected.connect(self.reject)
+        form.addRow(bb)
+
+    def values(self) -> dict:
+        return {"text": self.text.path(), "blocks": self.blocks.text().strip() or None,
+                "mode": self.mode.currentData(), "with_replica": self.replica.isChecked(),
+                "kl_windows": self.kl_windows.value()}
+
+
 class MainWindow(QMainWindow):
     model_loaded = Signal(object)  # the description dict
     load_failed = Signal(str)
@@ -166,6 +215,7 @@ class MainWindow(QMainWindow):
     error_shown = Signal(str)
     export_finished = Signal(str)  # "done", "cancelled" or "failed"
     search_finished = Signal(str)  # "done", "cancelled" or "failed"
+    sensitivity_finished = Signal(str)  # "done", "cancelled" or "failed"
 
     def __init__(self, model: Optional[str] = None, *, autoload: bool = True,
                  settings: Optional[QSettings] = None) -> None:
@@ -182,6 +232,8 @@ class MainWindow(QMainWindow):
         self._shut = False
         self._export_job = None
         self._search_job = None
+        self._sensitivity_job = None
+        self._sensitivity_model = None  # the LoadedModel the shown sensitivity belongs to
 
         self.project = Project(self)
         self.runner = JobRunner(self)
@@ -249,6 +301,16 @@ class MainWindow(QMainWindow):
         self.history.setWidget(QUndoView(self.project.undo_stack))
         self.addDockWidget(Qt.RightDockWidgetArea, self.history)
         self.history.hide()
+
+        # ---------------------------------------------------------------- sensitivity dock
+        self.sensitivity = SensitivityPanel()
+        self.sensitivity_dock = QDockWidget("Sensitivity", self)
+        self.sensitivity_dock.setObjectName("sensitivityDock")
+        self.sensitivity_dock.setWidget(self.sensitivity)
+        self.addDockWidget(Qt.RightDockWidgetArea, self.sensitivity_dock)
+        self.sensitivity_dock.hide()
+        self.sensitivity.apply_requested.connect(self.apply_sensitivity)
+        self.sensitivity.cancel_requested.connect(self.cancel_sensitivity)
 
         self._build_menus()
         self.project.dirty_changed.connect(lambda _d: self._update_title())
@@ -322,11 +384,16 @@ class MainWindow(QMainWindow):
             self._action(v, f"&{name.capitalize()}", lambda i=i: self.tabs.setCurrentIndex(i), f"Ctrl+{i + 1}")
         v.addSeparator()
         v.addAction(self.history.toggleViewAction())
+        v.addAction(self.sensitivity_dock.toggleViewAction())
 
         t = mb.addMenu("&Tools")
         self.search_action = self._action(t, "&Search…", self.search_configurations, None,
                                           "Choose per-block replicas within a size / latency budget")
         self.search_action.setEnabled(False)
+        self.sensitivity_action = self._action(
+            t, "Se&nsitivity…", self.run_sensitivity, None,
+            "Per block: the KL when only that block is quantized, and the gain of a second replica")
+        self.sensitivity_action.setEnabled(False)
 
         h = mb.addMenu("&Help")
         self._action(h, "&About dupstudio", self._about)
@@ -388,6 +455,22 @@ class MainWindow(QMainWindow):
                 f"{self._search_profile() or 'default'} profile. The result replaces the configuration "
                 "(Ctrl+Z restores it).")
         dlg = SearchDialog(text, note, self)
+        if dlg.exec() != QDialog.Accepted:
+            return None
+        return dlg.values()
+
+    def ask_sensitivity_settings(self) -> Optional[dict]:
+        """{"text", "blocks" (None: all), "mode", "with_replica", "kl_windows"} or None."""
+        from dupstudio.gui.panels.calibration import default_calibration_text
+
+        text = self.calibration.text.path() or str(default_calibration_text() or "")
+        s = self.calibration.settings()
+        note = (f"Only one block at a time is quantized ({self._sensitivity_base_text()}, as in the layer table); "
+                "every other block stays float. With a second replica, each block is calibrated twice "
+                f"(K = 1 and K = 2, settings from the Calibration tab: {s.method}, {s.steps} steps, "
+                f"{s.seqs} × {s.seq_len} tokens) and the KL is measured three times; this takes a while on "
+                "a large model. The configuration is not changed.")
+        dlg = SensitivityDialog(text, self.project.num_blocks, note, self)
         if dlg.exec() != QDialog.Accepted:
             return None
         return dlg.values()
@@ -588,6 +671,8 @@ class MainWindow(QMainWindow):
         self.export_action.setEnabled(p.has_model and not (self._export_job is not None and self._export_job.active))
         self.search_action.setEnabled(p.has_model and not p.locked
                                       and not (self._search_job is not None and self._search_job.active))
+        self.sensitivity_action.setEnabled(
+            p.has_model and not (self._sensitivity_job is not None and self._sensitivity_job.active))
 
     def export_model(self, out_dir: Optional[str] = None) -> bool:
         """Ask for a folder, preview (size, bits/weight, loading needs), confirm, then write an
@@ -715,6 +800,135 @@ class MainWindow(QMainWindow):
         self.settings.setValue("calibration/text", str(text))
         self._sync_actions()
         return True
+
+    # ================================================================== sensitivity
+    def _sensitivity_base_text(self) -> str:
+        cfg = self.project.config
+        if cfg is None:
+            return ""
+        d = cfg.defaults
+        mixed = any(b.bits is not None or b.group_size is not None for b in cfg.blocks)
+        return f"{d.bits}-bit g{d.group_size}" + (" with per-block overrides" if mixed else "")
+
+    def run_sensitivity(self, values: Optional[dict] = None) -> bool:
+        """Per-block sensitivity (core ``sensitivity.sensitivity``) of the layer table's quantization
+        (every block at K = 1) on the worker; the bars and table fill the Sensitivity dock as blocks
+        finish. ``values``: the dialog's answer (plus, optionally, ``settings`` (CalibSettings))."""
+        from dupstudio.core.sensitivity import parse_blocks
+
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first.")
+            return False
+        if self._sensitivity_job is not None and self._sensitivity_job.active:
+            self.show_error("A sensitivity run is already going; cancel it first.")
+            return False
+        if values is None:
+            values = self.ask_sensitivity_settings()
+            if not values:
+                return False
+        text = values.get("text") or ""
+        if not text:
+            text = self.ask_text_file("Choose a calibration text") or ""
+            if not text:
+                return False
+        try:
+            settings = values.get("settings") or self.calibration.settings()
+            blocks = parse_blocks(values.get("blocks"), p.num_blocks)
+            kl_windows = int(values.get("kl_windows", 8))
+            mode = str(values.get("mode") or "serial")
+            with_replica = bool(values.get("with_replica", True))
+            if kl_windows < 1:
+                raise DupstudioError("KL windows must be at least 1")
+        except (DupstudioError, TypeError, ValueError) as e:
+            self.show_error(f"Sensitivity: {e}")
+            return False
+        cfg = baseline_config(snapshot(p.config))
+        loaded = p.loaded
+        title = (f"Only block k quantized ({self._sensitivity_base_text()})"
+                 + (f", gain of a second {mode} replica" if with_replica else "")
+                 + f"; KL on {kl_windows} window{'s' if kl_windows != 1 else ''} of {Path(str(text)).name}")
+
+        def finish() -> None:
+            self._sensitivity_job = None
+            self._sync_actions()
+
+        def done(df) -> None:
+            finish()
+            self._sensitivity_model = loaded
+            self.sensitivity.show_result(df, title)
+            best = self.sensitivity.top_blocks()
+            msg = (f"Sensitivity of {len(df)} block{'s' if len(df) != 1 else ''} in "
+                   f"{fmt_seconds(df.attrs.get('seconds', 0.0))}"
+                   + (f"; largest second-replica gains: blocks {', '.join(map(str, best))}" if best else "")
+                   + ".")
+            self.show_status(msg)
+            self.sensitivity_finished.emit("done")
+
+        def failed(msg: str) -> None:
+            finish()
+            if msg == "cancelled":
+                self.sensitivity.failed("Cancelled")
+                self.show_status("Sensitivity cancelled.")
+                self.sensitivity_finished.emit("cancelled")
+            else:
+                self.sensitivity.failed(f"Failed: {msg}")
+                self.show_error(f"Sensitivity failed: {msg}")
+                self.sensitivity_finished.emit("failed")
+
+        self.sensitivity.started(f"Measuring {len(blocks)} block{'s' if len(blocks) != 1 else ''}…", mode)
+        self.sensitivity_dock.show()
+        self.sensitivity_dock.raise_()
+        self._sensitivity_job = self.runner.submit(
+            tasks.sensitivity_job(loaded, cfg, str(text), settings, kl_windows=kl_windows, mode=mode,
+                                  with_replica=with_replica, blocks=blocks),
+            name="sensitivity", on_done=done, on_error=failed, on_event=self.sensitivity.add_row,
+            on_progress=self.sensitivity.bar.progress)
+        self.settings.setValue("calibration/text", str(text))
+        self._sync_actions()
+        return True
+
+    def cancel_sensitivity(self) -> None:
+        if self._sensitivity_job is not None and self._sensitivity_job.active:
+            self._sensitivity_job.cancel()
+
+    def apply_sensitivity(self, blocks: list, mode: str = "serial") -> int:
+        """Give ``blocks`` a second replica in ``mode`` (one undoable step); returns how many changed."""
+        p = self.project
+        if not p.has_model:
+            self.show_error("Open a model first.")
+            return 0
+        if self._sensitivity_model is not None and p.loaded is not self._sensitivity_model:
+            self.show_error("The sensitivity was measured on another model; run it again.")
+            return 0
+        if p.locked:
+            self.show_error("Wait for the running calibration or search to end.")
+            return 0
+        cfg = p.config
+        need = [int(k) for k in blocks if 0 <= int(k) < p.num_blocks
+                and (cfg.blocks[int(k)].replicas != 2 or cfg.blocks[int(k)].mode != mode)]
+        where = ", ".join(map(str, sorted(need)))
+        if not need:
+            self.show_status(f"Blocks {', '.join(map(str, blocks))} already have K = 2 ({mode}).")
+            return 0
+        stack = p.undo_stack
+        stack.beginMacro(f"Sensitivity: K = 2 ({mode}) on block{'s' if len(need) != 1 else ''} {where}")
+        try:
+            p.edit_blocks(need, "replicas", 2)
+            p.edit_blocks(need, "mode", mode)
+        except DupstudioError as e:
+            stack.endMacro()
+            stack.undo()
+            self.show_error(f"Could not apply the sensitivity result: {e}")
+            return 0
+        stack.endMacro()
+        msg = (f"K = 2 ({mode}) on block{'s' if len(need) != 1 else ''} {where}, the largest second-replica "
+               "gains; calibrate to tune them. Undo (Ctrl+Z) restores the previous table.")
+        self.banner.show_message(msg, "info")
+        self.show_status(msg)
+        self.tabs.setCurrentWidget(self.layers)
+        self.layers.apply_bar.select_rows(sorted(need))
+        return len(need)
 
     # ================================================================== configuration files
     def new_configuration(self, values: Optional[dict] = None) -> bool:

@@ -401,6 +401,26 @@ def search_job(loaded, text_path: str, budget_bpw: float, budget_latency_ms: Opt
     return job
 
 
+def sensitivity_job(loaded, cfg, text_path: str, settings, *, kl_windows: int = 8, mode: str = "serial",
+                    with_replica: bool = True, blocks: Optional[list] = None):
+    """Per-block sensitivity (core ``sensitivity.sensitivity``) of ``cfg`` (K = 1 base) on calibration
+    windows of ``text_path``; each finished block's row is emitted as it comes."""
+
+    def job(progress, cancel, emit):
+        from dupstudio.core.evaluate import make_windows, read_text, tokenize
+        from dupstudio.core.sensitivity import sensitivity
+
+        progress(None, f"reading {Path(text_path).name}")
+        tokens = tokenize(loaded.tokenizer, read_text(text_path))
+        windows = make_windows(tokens, settings.seq_len, settings.seqs, what="calibration text")
+        cancel.check()
+        return sensitivity(loaded, cfg, windows, settings=settings, kl_windows=kl_windows, replica_mode=mode,
+                           with_replica=with_replica, blocks=blocks, progress=progress, cancel=cancel,
+                           on_row=emit)
+
+    return job
+
+
 def run_callable(fn, *args, **kwargs):
     """A job calling ``fn(*args, **kwargs)`` (tests, small utilities)."""
 

@@ -1,0 +1,300 @@
+"""Per-block sensitivity (Tools ▸ Sensitivity…): bars per block of the KL when only that block is
+quantized and of the KL a second, calibrated replica of that block removes; the values in a table;
+"Set K = 2 on the top N blocks" applies the result to the layer table (one undoable step).
+
+:class:`SensitivityPlot` is also what ``dupstudio sensitivity`` renders offscreen into its PNG."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QRectF, Qt, Signal
+from PySide6.QtGui import QFont
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds
+
+KL_COLOR = "#1f77b4"
+GAIN_COLOR = "#2ca02c"
+LOSS_COLOR = "#d62728"  # a second replica that made the KL worse
+TABLE_COLUMNS = (("block", "Block", "decoder block"),
+                 ("kl_quantized", "KL quantized", "KL from full precision with only this block quantized "
+                                                  "(round to nearest)"),
+                 ("kl_k1", "KL K=1 cal.", "the same with this block calibrated (K = 1)"),
+                 ("kl_k2", "KL K=2 cal.", "the same with a second, calibrated replica of this block"),
+                 ("kl_gain", "Gain", "KL removed by the second replica: KL K=1 − KL K=2"),
+                 ("bits_per_weight", "bits/w", "bits per weight of this block at K = 1"),
+                 ("bits_per_weight_k2", "bits/w K=2", "bits per weight of this block with the second replica"),
+                 ("seconds", "s", "seconds this block took"))
+TOP_TITLE = "KL from full precision, only block k quantized"
+BOTTOM_TITLE = "KL removed by a second replica of block k (red: made worse)"
+
+
+def _num(v) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+class _NumItem(QTableWidgetItem):
+    """A table cell that sorts by its number (Qt.UserRole), NaN last."""
+
+    def __lt__(self, other) -> bool:  # noqa: D105
+        a, b = _num(self.data(Qt.UserRole)), _num(other.data(Qt.UserRole))
+        if math.isnan(a) or math.isnan(b):
+            return not math.isnan(a) and math.isnan(b)
+        return a < b
+
+
+def _no_min_width(label: pg.LabelItem) -> None:
+    """pyqtgraph's LabelItem makes its text width its minimum width on every resize; this one
+    may be clipped instead (keeps its minimum height)."""
+
+    def update_min() -> None:
+        label.setMinimumWidth(0)
+        label.setMinimumHeight(label.itemRect().height())
+
+    label.updateMin = update_min
+    update_min()
+
+
+class SensitivityPlot(pg.GraphicsLayoutWidget):
+    """Two bar charts over the block index, x linked: KL with only block k quantized (top) and
+    the KL gain of a second replica of block k (bottom; negative bars in red)."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setBackground("w")
+        self.title = self.addLabel("", row=0, col=0, size="10pt")
+        _no_min_width(self.title)
+        self.top = self.addPlot(row=1, col=0)
+        self.bottom = self.addPlot(row=2, col=0)
+        self.bottom.setXLink(self.top)
+        self.ci.layout.setRowStretchFactor(1, 3)
+        self.ci.layout.setRowStretchFactor(2, 2)
+        font = QFont()
+        font.setPointSize(9)
+        for pi, ptitle in ((self.top, TOP_TITLE), (self.bottom, BOTTOM_TITLE)):
+            for side in ("left", "bottom"):
+                ax = pi.getAxis(side)
+                ax.setTickFont(font)
+                ax.setPen(pg.mkPen("#444"))
+                ax.setTextPen(pg.mkPen("#222"))
+                ax.enableAutoSIPrefix(False)
+            pi.setTitle(ptitle, size="9pt")
+            _no_min_width(pi.titleLabel)  # a long title must not widen the chart past its dock
+            pi.showGrid(x=False, y=True, alpha=0.25)
+            pi.setMenuEnabled(False)
+        self.bottom.setLabel("bottom", "decoder block")
+        self.bars: dict = {}  # series -> BarGraphItem
+        self.rows: list = []
+        self.set_rows([])
+
+    def set_rows(self, rows: list, title: str = "") -> None:
+        self.rows = [dict(r) for r in rows]
+        self.title.setText(title)
+        self.title.setMaximumHeight(40 if title else 0)
+        self.top.clear()
+        self.bottom.clear()
+        self.bars = {}
+        if not self.rows:
+            self._show_bottom(True)
+            return
+        x = np.array([int(r["block"]) for r in self.rows], dtype=float)
+        kl = np.array([_num(r.get("kl_quantized")) for r in self.rows])
+        ok = np.isfinite(kl)
+        self.bars["kl_quantized"] = pg.BarGraphItem(x=x[ok], height=kl[ok], width=0.7, brush=KL_COLOR, pen=None)
+        self.top.addItem(self.bars["kl_quantized"])
+        gain = np.array([_num(r.get("kl_gain")) for r in self.rows])
+        has_gain = bool(np.isfinite(gain).any())
+        self._show_bottom(has_gain)
+        if has_gain:
+            ok = np.isfinite(gain)
+            brushes = [GAIN_COLOR if g >= 0 else LOSS_COLOR for g in gain[ok]]
+            self.bars["kl_gain"] = pg.BarGraphItem(x=x[ok], height=gain[ok], width=0.7, brushes=brushes, pen=None)
+            self.bottom.addItem(self.bars["kl_gain"])
+            self.bottom.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
+        lo, hi = float(x.min()), float(x.max())
+        self.top.setXRange(lo - 0.6, hi + 0.6, padding=0)
+        if len(x) <= 64:  # a label per block where it fits (every 5th first)
+            ticks = [[(float(b), str(int(b))) for b in x if int(b) % 5 == 0],
+                     [(float(b), str(int(b))) for b in x if int(b) % 5 != 0]]
+            for pi in (self.top, self.bottom):
+                pi.getAxis("bottom").setTicks(ticks)
+        else:
+            for pi in (self.top, self.bottom):
+                pi.getAxis("bottom").setTicks(None)
+        top = float(np.nanmax(kl)) if np.isfinite(kl).any() else 1.0
+        self.top.setYRange(0.0, max(top, 1e-12) * 1.08, padding=0)
+
+    def _show_bottom(self, shown: bool) -> None:
+        """The gain chart shown or collapsed (kept in the layout: removing a linked plot from
+        the scene leaves pyqtgraph callbacks pointing at deleted view boxes)."""
+        self.bottom.setMinimumHeight(0)
+        self.bottom.setMaximumHeight(16777215 if shown else 0)
+        self.bottom.setVisible(shown)
+        self.top.setLabel("bottom", None if shown else "decoder block")
+
+    def mark(self, blocks) -> None:
+        """Outline the gain bars of ``blocks`` (the ones "use the result" would change)."""
+        bars = self.bars.get("kl_gain")
+        if bars is None:
+            return
+        chosen = {int(b) for b in blocks}
+        pens = [pg.mkPen("#111", width=2) if int(b) in chosen else pg.mkPen(None) for b in bars.opts["x"]]
+        bars.setOpts(pens=pens)
+
+    def export_png(self, path: str, width: int = 1000, height: int = 620) -> None:
+        """Render offscreen (no show needed) into a PNG."""
+        import pyqtgraph.exporters as pge
+
+        self.resize(width, height)
+        self.ci.setGeometry(QRectF(0, 0, width, height))
+        exp = pge.ImageExporter(self.ci)
+        exp.parameters()["width"] = width
+        exp.export(str(path))
+        del exp
+
+
+class SensitivityPanel(QWidget):
+    """The dock's contents: progress, the bars, the table, and "use the result"."""
+
+    apply_requested = Signal(list, str)  # blocks, replica mode
+    cancel_requested = Signal()
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.df = None
+        self.mode = "serial"
+        self.rows: list = []
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(4, 4, 4, 4)
+        self.bar = JobBar("Cancel")
+        self.bar.cancel_clicked.connect(self.cancel_requested)
+        lay.addWidget(self.bar)
+        self.summary = QLabel("Tools ▸ Sensitivity… measures, block by block, the KL from full precision on "
+                              "calibration text when only that block is quantized, and how much a second "
+                              "calibrated replica of it removes.")
+        self.summary.setWordWrap(True)
+        self.summary.setStyleSheet("QLabel { color: #444; }")
+        lay.addWidget(self.summary)
+        split = QSplitter(Qt.Vertical)
+        self.plot = SensitivityPlot()
+        self.plot.setMinimumHeight(220)
+        split.addWidget(self.plot)
+        self.table = QTableWidget(0, len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels([t for _, t, _ in TABLE_COLUMNS])
+        for c, (_, _, tip) in enumerate(TABLE_COLUMNS):
+            self.table.horizontalHeaderItem(c).setToolTip(tip)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.horizontalHeader().setSortIndicator(0, Qt.AscendingOrder)
+        self.table.setSortingEnabled(True)
+        split.addWidget(self.table)
+        split.setSizes([320, 200])
+        lay.addWidget(split, 1)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("Top"))
+        self.top_n = QSpinBox()
+        self.top_n.setRange(1, 4096)
+        self.top_n.setValue(4)
+        self.top_n.valueChanged.connect(lambda _v: self._sync())
+        row.addWidget(self.top_n)
+        self.apply_button = QPushButton("Set K = 2 on the top blocks by gain")
+        self.apply_button.setToolTip("Give the blocks whose second replica removes the most KL a second replica "
+                                     "(in the mode measured) in the layer table; Ctrl+Z undoes it")
+        self.apply_button.clicked.connect(self._apply)
+        row.addWidget(self.apply_button)
+        row.addStretch(1)
+        lay.addLayout(row)
+        self._sync()
+
+    # ------------------------------------------------------------------ running
+    def started(self, message: str, mode: str) -> None:
+        self.df = None
+        self.mode = mode
+        self.rows = []
+        self.plot.set_rows([])
+        self.table.setRowCount(0)
+        self.bar.running(message)
+        self._sync()
+
+    def add_row(self, row: dict) -> None:
+        """A finished block while the job runs (streamed)."""
+        self.rows = [r for r in self.rows if r["block"] != row["block"]] + [dict(row)]
+        self._show(self.rows)
+
+    def show_result(self, df, title: str = "") -> None:
+        self.df = df
+        self.rows = df.to_dict("records")
+        secs = df.attrs.get("seconds")
+        self.bar.idle(f"{len(df)} block{'s' if len(df) != 1 else ''}"
+                      + (f" in {fmt_seconds(secs)}" if secs is not None else ""), done=True)
+        self.summary.setText(title)
+        self._show(self.rows)
+
+    def failed(self, message: str) -> None:
+        self.bar.idle(message)
+        self._sync()
+
+    def _show(self, rows: list) -> None:
+        self.plot.set_rows(sorted(rows, key=lambda r: r["block"]))
+        self.table.setSortingEnabled(False)
+        self.table.setRowCount(len(rows))
+        for i, r in enumerate(sorted(rows, key=lambda r: r["block"])):
+            for c, (key, _, _) in enumerate(TABLE_COLUMNS):
+                v = r.get(key)
+                if key == "block":
+                    text = str(int(v))
+                elif key == "seconds":
+                    text = "—" if v is None or not math.isfinite(_num(v)) else f"{_num(v):.1f}"
+                else:
+                    text = fmt_float(None if v is None or not math.isfinite(_num(v)) else _num(v), 4)
+                item = _NumItem(text)
+                item.setData(Qt.UserRole, _num(v))
+                item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                self.table.setItem(i, c, item)
+        self.table.setSortingEnabled(True)
+        self._sync()
+
+    # ------------------------------------------------------------------ using the result
+    def top_blocks(self) -> list:
+        from dupstudio.core.sensitivity import top_gain_blocks
+
+        if self.df is None:
+            return []
+        return top_gain_blocks(self.df, self.top_n.value())
+
+    def _apply(self) -> None:
+        blocks = self.top_blocks()
+        if blocks:
+            self.apply_requested.emit(blocks, self.mode)
+
+    def _sync(self) -> None:
+        blocks = self.top_blocks()
+        self.plot.mark(blocks)
+        self.apply_button.setEnabled(bool(blocks))
+        if self.df is not None and "kl_gain" not in self.df.columns:
+            self.apply_button.setToolTip("Measured without a second replica: run again with it to rank blocks")
+        self.apply_button.setText(f"Set K = 2 ({self.mode}) on the top {len(blocks)} block"
+                                  f"{'s' if len(blocks) != 1 else ''} by gain" if blocks
+                                  else "Set K = 2 on the top blocks by gain")
