@@ -4,8 +4,15 @@ quantizations on the same windows; writes DIR/sweep.csv, DIR/best.json and PNG p
 
 Perplexity (+ bootstrap 95% interval), KL from full precision, top-1 agreement, bits/weight of the
 decoder-block linears and the predicted decode latency on a hardware profile (default M1 Pro).
-Calibration uses the fast preset by default (decision 10). Under ``mx.distributed`` with more than
-one process, only rank 0 writes files."""
+Calibration uses the fast preset by default (decision 10).
+
+Under ``mlx.launch`` with more than one rank the configurations are split across the ranks
+(longest first, on each job's cost), every finished row is journaled in the cache
+(``<home>/sweeps/...``; a rerun with the same arguments reuses it, ``--fresh`` recomputes) and the
+table is gathered on rank 0, which alone writes files; the other ranks print only their progress,
+prefixed with their rank. A rank that dies ends the run with ``rank N: ...`` lines naming it and
+rank 0 writes the rows it has (missing ones marked) to ``sweep.csv``. See
+:func:`dupstudio.core.distributed.sweep_distributed`."""
 from __future__ import annotations
 
 import json
@@ -47,6 +54,11 @@ def register(subparsers) -> None:
                    help="comma-separated mlx-lm baselines as method:bits:group (methods plain, mixed_2_6, "
                         "mixed_3_6, gptq, awq, dwq); default: plain:2:64,plain:2:32,mixed_2_6:2:64,"
                         "mixed_3_6:2:64,gptq:2:64,gptq:2:32,awq:2:64,dwq:2:64")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="under mlx.launch: seconds a rank waits for the others beyond their predicted "
+                        "compute time (default: $DUPSTUDIO_DIST_TIMEOUT or 300)")
+    p.add_argument("--fresh", action="store_true",
+                   help="under mlx.launch: recompute rows an earlier run with the same arguments journaled")
     p.set_defaults(func=run)
 
 
@@ -205,7 +217,37 @@ def summary_markdown(df, budgets, *, seconds: float, machine: str = "") -> str:
     return "\n".join(out) + "\n"
 
 
+class _RankProgress:
+    """Progress of one rank under mlx.launch: every line prefixed with ``[rank N]``."""
+
+    def __init__(self, rank: int):
+        from dupstudio.commands.info import StderrProgress
+
+        self.rank = rank
+        self.inner = StderrProgress()
+
+    def __call__(self, fraction, message):
+        self.inner(fraction, f"[rank {self.rank}] {message}")
+
+    def close(self):
+        self.inner.close()
+
+
 def run(args) -> int:
+    from dupstudio.core import distributed as D
+
+    dist = D.init()  # a single process unless started by mlx.launch
+    if dist.size <= 1:
+        return _run(args, dist)
+    try:
+        return _run(args, dist)
+    except SystemExit:
+        raise
+    except Exception as e:  # one rank's error ends the run with its rank named
+        dist.fail(f"{type(e).__name__}: {' '.join(str(e).split())}", 2)
+
+
+def _run(args, dist) -> int:
     import math
     import time
 
@@ -223,7 +265,12 @@ def run(args) -> int:
     moves = tuple(m.strip() for m in args.moves.split(",") if m.strip()) if args.moves else DEFAULT_MOVES
     extra = tuple(m.strip() for m in args.extra.split(",") if m.strip())
     methods = () if args.no_mlx_lm else (_parse_mlx_lm(args.mlx_lm) if args.mlx_lm else DEFAULT_MLX_LM)
-    loaded = open_model_quiet(args.model)
+    if dist.is_root:
+        loaded = open_model_quiet(args.model)
+    else:  # the other ranks print only their progress
+        from dupstudio.core.model_io import open_model
+
+        loaded = open_model(args.model)
     cal_path = Path(args.text_cal) if args.text_cal else default_calibration_text()
     cal_text = read_text(cal_path)
     eval_text = read_text(args.text_eval)
@@ -232,23 +279,41 @@ def run(args) -> int:
     ev = make_windows(tokenize(loaded.tokenizer, eval_text), args.ctx, args.windows,
                       what=f"evaluation text {args.text_eval}")
     out = Path(args.out)
-    writer = _is_writer()
-    progress = StderrProgress()
-    try:
-        df, cfgs = sweep(loaded, cal, ev, budget_bpw=budgets, budget_latency_ms=args.budget_latency_ms,
-                         profile=args.profile, settings=settings, with_search=not args.no_search, extra=extra,
-                         search_kwargs={"kl_windows": args.kl_windows, "max_refine": args.max_refine,
-                                        "moves": moves},
-                         mlx_lm=methods, progress=progress)
-    finally:
-        progress.close()
-    if not writer:
-        return 0
+    search_kwargs = {"kl_windows": args.kl_windows, "max_refine": args.max_refine, "moves": moves}
+    if dist.size > 1:
+        from dupstudio.core.distributed import sweep_distributed
+        from dupstudio.core.search import sweep_jobs
+
+        progress = _RankProgress(dist.rank)
+        jobs = sweep_jobs(loaded, budgets=budgets, extra=extra, with_search=not args.no_search, mlx_lm=methods)
+        try:
+            df, cfgs = sweep_distributed(
+                dist, loaded, cal, ev, jobs, budgets=budgets,
+                ctx_kwargs={"settings": settings, "profile": args.profile,
+                            "budget_latency_ms": args.budget_latency_ms, "search_kwargs": search_kwargs},
+                progress=progress, partial_csv=out / "sweep.csv" if dist.is_root else None,
+                timeout_s=args.dist_timeout, fresh=args.fresh)
+        finally:
+            progress.close()
+        if not dist.is_root:
+            return 0
+    else:
+        progress = StderrProgress()
+        try:
+            df, cfgs = sweep(loaded, cal, ev, budget_bpw=budgets, budget_latency_ms=args.budget_latency_ms,
+                             profile=args.profile, settings=settings, with_search=not args.no_search,
+                             extra=extra, search_kwargs=search_kwargs, mlx_lm=methods, progress=progress)
+        finally:
+            progress.close()
+        if not _is_writer():
+            return 0
     seconds = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     prov = provenance(eval_text, args.windows, args.ctx, text_path=str(args.text_eval),
                       cal_text=str(cal_path), cal_text_sha256=text_sha256(cal_text), preset=args.preset,
-                      wall_clock_s=seconds)
+                      wall_clock_s=seconds,
+                      **({"ranks": dist.size, "reused_rows": df.attrs.get("reused_rows", 0),
+                          "journal": df.attrs.get("journal")} if dist.size > 1 else {}))
     C.atomic_write_bytes(out / "sweep.csv", df.to_csv(index=False).encode())
     written = [out / "sweep.csv"]
     bests = {}
