@@ -6,14 +6,35 @@ from pathlib import Path
 from dupstudio.commands.info import StderrProgress
 
 
-def open_model_quiet(source):
+def open_model_quiet(source, lazy: bool = False):
     from dupstudio.core.model_io import open_model
 
     progress = StderrProgress()
     try:
-        return open_model(source, progress=progress)
+        return open_model(source, lazy=lazy, progress=progress)
     finally:
         progress.close()
+
+
+def materialize(loaded) -> None:
+    """Read every weight of a lazily opened model (the in-memory path)."""
+    import mlx.core as mx
+
+    from dupstudio.core.jobs import DupstudioError
+
+    try:
+        mx.eval(loaded.model.parameters())
+    except Exception as e:
+        raise DupstudioError(f"{loaded.path}: corrupt weight file ({type(e).__name__}: {e})") from e
+
+
+def add_stream_flags(p, what: str) -> None:
+    p.add_argument("--stream", dest="stream", action="store_true", default=None,
+                   help=f"{what} one decoder block at a time with the weights read lazily (low "
+                        "memory); default: stream only when the in-memory estimate exceeds the "
+                        "available memory")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="hold the whole model in memory")
 
 
 def config_source(cfg) -> str | None:
@@ -21,8 +42,9 @@ def config_source(cfg) -> str | None:
     return None if s in ("", "default", None) else s
 
 
-def load_config_and_model(path, model_override=None):
-    """(config, loaded model). The model is --model, else the one the configuration names."""
+def load_config_and_model(path, model_override=None, lazy: bool = False):
+    """(config, loaded model). The model is --model, else the one the configuration names
+    (``lazy``: weights not read yet; see :func:`materialize`)."""
     import json
 
     from dupstudio.core import config as C
@@ -40,7 +62,7 @@ def load_config_and_model(path, model_override=None):
     if model_override is None and src is None:
         C.load(p)  # raises the precise error
     loaded = open_model_quiet(model_override if model_override is not None else
-                              (None if src in ("", "default", None) else src))
+                              (None if src in ("", "default", None) else src), lazy=lazy)
     cfg = C.load(p, model_shape(loaded.config))
     return cfg, loaded
 

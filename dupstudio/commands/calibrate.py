@@ -1,7 +1,8 @@
 """``dupstudio calibrate cfg.json --text FILE --method stats|grid|adam --steps N --out OUT``.
 
 Ctrl-C stops the run without leaving a half-written output; finished blocks are kept in
-``OUT.partial/`` and a rerun with the same settings resumes there."""
+``OUT.partial/`` and a rerun with the same settings resumes there. ``--stream`` holds one
+decoder block's weights at a time (picked by itself when the in-memory estimate does not fit)."""
 from __future__ import annotations
 
 import shutil
@@ -32,11 +33,15 @@ def register(subparsers) -> None:
     p.add_argument("--blocks", default=None, help="only these blocks, e.g. 0-3")
     p.add_argument("--model", default=None, help="model (default: the one the configuration names)")
     p.add_argument("--out", "-o", required=True)
+    from dupstudio.commands._common import add_stream_flags
+
+    add_stream_flags(p, "calibrate")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from dupstudio.commands._common import default_calibration_text, load_config_and_model
+    from dupstudio.commands._common import (default_calibration_text, load_config_and_model,
+                                            materialize)
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import calibrate, settings_from
@@ -46,18 +51,29 @@ def run(args) -> int:
                              seqs=args.seqs, seq_len=args.seq_len, batch=args.batch, init=args.init,
                              gains=args.gains or None, residual_gain=args.residual_gain or None,
                              incremental=False if args.no_incremental else None)
-    cfg, loaded = load_config_and_model(args.config, args.model)
+    from dupstudio.core.streaming import (available_memory, estimate_calibration_memory,
+                                          memory_line, pick_stream)
+
+    cfg, loaded = load_config_and_model(args.config, args.model, lazy=True)
     text_path = Path(args.text) if args.text else default_calibration_text()
     text = read_text(text_path)
     toks = make_windows(tokenize(loaded.tokenizer, text), settings.seq_len, settings.seqs,
                         what=f"calibration text {text_path}")
     blocks = C.parse_layers(args.blocks, len(cfg.blocks)) if args.blocks else None
+    est = estimate_calibration_memory(loaded.config, cfg, settings.seqs, settings.seq_len, settings,
+                                      checkpoint=True)  # finished blocks are read back from OUT.partial
+    avail = available_memory()
+    stream = pick_stream(est["in_memory_bytes"], avail, args.stream)
+    print(memory_line(est["in_memory_bytes"], est["streamed_bytes"], avail, stream), file=sys.stderr)
+    if not stream:
+        materialize(loaded)
     out = Path(args.out)
     ck = out.parent / (out.name + ".partial")
     progress = StderrProgress()
     t0 = time.perf_counter()
     try:
-        new = calibrate(loaded, cfg, toks, settings, progress=progress, checkpoint_dir=ck, blocks=blocks)
+        new = calibrate(loaded, cfg, toks, settings, progress=progress, checkpoint_dir=ck, blocks=blocks,
+                        stream=stream)
     except KeyboardInterrupt:
         progress.close()
         print(f"dupstudio: cancelled; finished blocks kept in {ck} (rerun to resume); "

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
                      help='write {"matrices", "blocks", "total", "settings"} as JSON; "-" = stdout')
     p.add_argument("--blocks-only", action="store_true",
                    help="text output: only the per-block summary, not every matrix")
+    from dupstudio.commands._common import add_stream_flags
+
+    add_stream_flags(p, "report")
     p.set_defaults(func=run)
 
 
@@ -123,6 +126,19 @@ def _open_out(path: str):
         yield f
 
 
+def _config_json(loaded) -> dict:
+    """The model's config.json (or, for a bare model, its arguments)."""
+    import dataclasses
+
+    c = getattr(loaded, "config", None)
+    if isinstance(c, dict):
+        return c
+    a = getattr(getattr(loaded, "model", None), "args", None)
+    if a is None:
+        return None
+    return dataclasses.asdict(a) if dataclasses.is_dataclass(a) else dict(vars(a))
+
+
 def run(args) -> int:
     import mlx.core as mx
 
@@ -146,7 +162,10 @@ def run(args) -> int:
         )
     metrics.check_settings([], bits, group, args.strategy, sargs)
 
+    from dupstudio.commands._common import materialize
     from dupstudio.core.model_io import block_linears, open_model
+    from dupstudio.core.streaming import (StreamedBlocks, available_memory,
+                                          estimate_report_memory, memory_line, pick_stream)
 
     progress = None
     try:
@@ -156,8 +175,22 @@ def run(args) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
-        loaded = open_model(args.model, progress=progress)
-        blocks = block_linears(loaded.model)
+        loaded = open_model(args.model, lazy=True, progress=progress)
+        cj = _config_json(loaded)
+        est = estimate_report_memory(cj) if cj is not None else None
+        avail = available_memory()
+        stream = pick_stream(est["in_memory_bytes"], avail, args.stream) if est else bool(args.stream)
+        if progress is not None:
+            progress.close()
+        if est:
+            print(memory_line(est["in_memory_bytes"], est["streamed_bytes"], avail, stream),
+                  file=sys.stderr)
+        if stream:  # one block's weights at a time, read from the files and dropped after use
+            blocks = StreamedBlocks(loaded)
+        else:
+            if getattr(loaded, "model", None) is not None:
+                materialize(loaded)
+            blocks = block_linears(loaded.model)
         input_dtype = getattr(mx, args.weight_dtype) if args.weight_dtype else None
         report = metrics.quant_report(blocks, bits, group, args.strategy, sargs,
                                       input_dtype=input_dtype, progress=progress)
@@ -165,6 +198,7 @@ def run(args) -> int:
         if progress is not None:
             progress.close()
     report.settings["model"] = str(getattr(loaded, "path", args.model))
+    report.settings["streamed"] = bool(stream)
     loaded_dtype = str(next(iter(blocks[0].values())).dtype) if blocks else "?"
     report.settings["weight_dtype"] = args.weight_dtype or loaded_dtype.replace("mlx.core.", "")
 

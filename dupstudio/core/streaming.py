@@ -82,7 +82,10 @@ def estimate_peak_memory(config_json: dict, cfg=None, windows: int = 16, ctx: in
     streams = 2 if ref else 1
     acts = 2 * streams * windows * T * H * b  # input and output buffers at one block boundary
     one_block = max((1 + k) * lin * b for k in ks) + (build_tmp if cfg is not None else 0)
-    eval_streamed = b * emb * (2 if cfg is not None else 1) + one_block + acts + batch_tmp(batch)
+    # streamed: the embedding is held for the embed step and the head, a block between them
+    emb_held = b * emb * (2 if cfg is not None and cfg.embedding.bits is not None else 1)
+    blk_tmp = batch * T * (8 * H + 3 * I) * b * (2 if ref else 1)
+    eval_streamed = acts + max(emb_held + batch_tmp(batch), one_block + blk_tmp)
     out = {
         "eval_in_memory_bytes": int(eval_in_memory),
         "eval_streamed_bytes": int(eval_streamed),
@@ -92,17 +95,122 @@ def estimate_peak_memory(config_json: dict, cfg=None, windows: int = 16, ctx: in
     }
     in_mem, streamed = eval_in_memory, eval_streamed
     if calib_seqs and seq_len:
-        # calibration keeps block inputs, the reference outputs and the current outputs of the
-        # calibration sequences, plus one block's trainable problem (weights, gradients, Adam)
-        cacts = 3 * calib_seqs * seq_len * H * 4
-        problem = max(ks) * lin * 4 * 4 + build_tmp
-        cal_mem = base + cacts + problem
-        cal_str = b * emb + lin * b + cacts + problem
+        c = estimate_calibration_memory(config_json, cfg, calib_seqs, seq_len, batch=batch,
+                                        dtype_bytes=b)
+        cal_mem, cal_str = c["in_memory_bytes"], c["streamed_bytes"]
         out.update(calib_in_memory_bytes=int(cal_mem), calib_streamed_bytes=int(cal_str))
         in_mem, streamed = max(in_mem, cal_mem), max(streamed, cal_str)
     out["in_memory_bytes"] = int(in_mem)
     out["streamed_bytes"] = int(streamed)
     return out
+
+
+def _block_linear_shapes(s: dict) -> dict:
+    H, I = s["hidden_size"], s["intermediate_size"]
+    qd, kvd = s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
+    return {"q_proj": (qd, H), "k_proj": (kvd, H), "v_proj": (kvd, H), "o_proj": (H, qd),
+            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+
+
+def estimate_calibration_memory(config_json: dict, cfg=None, seqs: int = 32, seq_len: int = 256,
+                                settings=None, *, batch: Optional[int] = None,
+                                dtype_bytes: Optional[int] = None, spill: Optional[bool] = None,
+                                checkpoint: bool = False) -> dict:
+    """Estimated peak bytes of :func:`calibrate` with the whole float model in memory versus
+    streamed (:func:`calibrate_streamed`), from the model's ``config.json`` (and the
+    configuration's K, bits and groups; ``cfg`` None: K = 1, 2-bit g64).
+
+    Counted: the float model (streamed: one block for one pass at a time, or the embedding
+    during the embed step); the quantized blocks the result holds (packed codes, fp16
+    scales/biases per replica; streamed with a ``checkpoint`` folder: read back from there
+    lazily, not held); the largest block's calibration problem: uint8 and float32 codes, the
+    input statistics XᵀX, Adam state (parameters, gradients, two moments), the replicas'
+    dequantized weights with one matrix's gradient, one batch's forward and backward
+    activations, and with ``init="closed_form"`` or ``method="stats"`` the closed-form start's
+    largest batch of normal equations; the calibration activations (seqs × seq_len × hidden
+    × 4 bytes; three copies: float inputs, quantized inputs, targets; streamed with ``spill``:
+    two). Not counted: allocator slack and the Python runtime (add ~0.3 GB)."""
+    from dupstudio.core.model_io import model_shape
+
+    s = model_shape(config_json)
+    b = _dtype_bytes(dtype_bytes)
+    H, I, V, nb = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_blocks"]
+    shapes = _block_linear_shapes(s)
+    lin = sum(o * i for o, i in shapes.values())
+    rows = sum(o for o, _ in shapes.values())
+    mat = max(o * i for o, i in shapes.values())
+    in_max = max(i for _, i in shapes.values())
+    emb = V * H * (1 if s["tied_embeddings"] else 2)
+    method = getattr(settings, "method", "adam")
+    init = getattr(settings, "init", "closed_form")
+    bs = min(batch or getattr(settings, "batch", 4), seqs)
+    closed_form = init == "closed_form" or method == "stats"
+    sigma = 4 * (2 * H * H + shapes["o_proj"][1] ** 2 + I * I)  # XᵀX of the four input groups
+
+    result, work = 0, 0
+    for k in range(nb):
+        if cfg is None:
+            K, bits, g, grans = 1, 2, 64, ["group"]
+        else:
+            bits, g, _, _ = cfg.block_quant(k)
+            K, grans = cfg.blocks[k].replicas, [r.granularity for r in cfg.blocks[k].replica]
+        gs = g if isinstance(g, int) and g > 0 else H
+        own = [i == 0 or gr == "group" for i, gr in enumerate(grans)]
+        result += lin * bits // 8 + sum(4 * lin // gs if o else 4 * rows for o in own)
+        codes = lin * (1 + 4) + lin * bits // 8  # uint8, float32 (the problem's), packed
+        adam = 4 * 4 * sum(2 * lin // gs if o else 2 * rows for o in own)
+        graph = 4 * lin * K + 4 * mat * K
+        fwd = 2 * bs * seq_len * (8 * H + 3 * I) * 4 * K + 2 * bs * s["num_heads"] * seq_len ** 2 * 4
+        lsq = 6 * 64 * in_max * (in_max // gs) * 4 if closed_form else 0
+        work = max(work,
+                   codes + sigma + adam + graph + fwd,  # Adam steps
+                   codes + sigma + lsq,  # closed-form start
+                   b * lin + sigma + fwd)  # statistics: one float pass of the block
+    one_act = seqs * seq_len * H * 4
+    base = b * (nb * lin + emb)
+    in_memory = base + result + work + 3 * one_act
+    streamed_acts = (2 if spill else 3) * one_act
+    embed_step = b * emb + 2 * one_act
+    streamed = (0 if checkpoint else result) + max(embed_step, work + streamed_acts)
+    return {"in_memory_bytes": int(in_memory), "streamed_bytes": int(streamed),
+            "float_model_bytes": int(base), "float_block_bytes": int(b * lin),
+            "embedding_bytes": int(b * emb), "quantized_bytes": int(result),
+            "block_work_bytes": int(work), "activation_bytes": int(3 * one_act)}
+
+
+def estimate_report_memory(config_json: dict, *, dtype_bytes: Optional[int] = None) -> dict:
+    """Estimated peak bytes of the quantization report with the whole float model loaded versus
+    one block's weights at a time (plus one matrix's float32 copy, codes, dequantized weights
+    and error)."""
+    from dupstudio.core.model_io import model_shape
+
+    s = model_shape(config_json)
+    b = _dtype_bytes(dtype_bytes)
+    shapes = _block_linear_shapes(s)
+    lin = sum(o * i for o, i in shapes.values())
+    emb = s["vocab_size"] * s["hidden_size"] * (1 if s["tied_embeddings"] else 2)
+    mat = max(o * i for o, i in shapes.values())
+    tmp = mat * (4 * 4 + 1)
+    return {"in_memory_bytes": int(b * (s["num_blocks"] * lin + emb) + tmp),
+            "streamed_bytes": int(b * lin + tmp), "float_block_bytes": int(b * lin)}
+
+
+def pick_stream(in_memory_bytes: int, available: Optional[int] = None,
+                override: Optional[bool] = None, resident: int = 0) -> bool:
+    """Stream when ``override`` says so, else when the in-memory path would not fit: its
+    estimate exceeds the available memory plus what is already ``resident`` (a model the app
+    holds)."""
+    if override is not None:
+        return bool(override)
+    avail = available_memory() if available is None else int(available)
+    return int(in_memory_bytes) > avail + int(resident)
+
+
+def memory_line(in_memory_bytes: int, streamed_bytes: int, available: int, stream: bool) -> str:
+    """The one line the CLI prints before a run."""
+    return (f"memory estimate: in memory {human_bytes(in_memory_bytes)}, streamed "
+            f"{human_bytes(streamed_bytes)}; available {human_bytes(available)} -> "
+            f"{'streamed' if stream else 'in memory'}")
 
 
 def human_bytes(n: float) -> str:
@@ -164,9 +272,10 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     computed block by block.
 
     ``source``: a model path/name (opened lazily here) or an already opened
-    :class:`LoadedModel` (ideally opened with ``lazy=True``). ``release``: drop each block's
-    float weights from the loaded model after use (default: only when this function opened the
-    model). ``spill``: "auto" (memory-map the activations when they would take more than half
+    :class:`LoadedModel` (ideally opened with ``lazy=True``). ``release``: drop the embedding
+    after the embed step and each block's float weights after use (swapped back for lazy reads
+    of the model's files, so the model stays usable; default: only when this function opened
+    the model). ``spill``: "auto" (memory-map the activations when they would take more than half
     the available RAM), True or False."""
     import mlx.core as mx
     from mlx_lm.models.base import create_attention_mask
@@ -223,6 +332,11 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
             cur[s:e] = np.array(outs[0].astype(mx.float32) if np_dtype is np.float32 else outs[0])
             if want_ref:
                 rcur[s:e] = np.array(outs[1].astype(mx.float32) if np_dtype is np.float32 else outs[1])
+        if release:  # the embedding (and head) are read again for the last step
+            del emb, head
+            release_weights(loaded, "model.embed_tokens")
+            if not tied:
+                release_weights(loaded, "lm_head")
         nblocks = len(base.layers)
         steps = nblocks + 1
         for k in range(nblocks):
@@ -253,10 +367,15 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
             if want_ref:
                 rcur, rnxt = rnxt, rcur
             del blk, layer
-            if release:
+            if release and not release_weights(loaded, f"model.layers.{k}"):
                 base.layers[k] = _Released()
             progress((k + 1) / steps, f"streamed block {k + 1}/{nblocks} over {n} windows")
         # final norm + head, scored exactly as evaluate() does
+        if release:
+            if cfg is not None:
+                emb, head = embedding_modules(loaded, cfg, mode, dtype)
+            else:
+                emb, head = base.embed_tokens, (None if tied else loaded.model.lm_head)
         norm = base.norm
         if cfg is not None:
             import mlx.nn as nn
@@ -294,3 +413,421 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
         top1_agreement=(agree / count) if want_ref else None,
         seconds=time.perf_counter() - t0,
     )
+
+
+# --------------------------------------------------------------------------- lazy weights
+def _weight_files(loaded) -> dict:
+    """Tensor name -> safetensors file of the model folder (headers only; cached)."""
+    import json as _json
+    import struct
+
+    extra = getattr(loaded, "extra", None)
+    idx = extra.get("_weight_files") if isinstance(extra, dict) else None
+    if idx is not None:
+        return idx
+    idx = {}
+    path = Path(loaded.path) if getattr(loaded, "path", None) else None
+    if path is not None and path.is_dir():
+        for f in sorted(path.glob("*.safetensors")):
+            try:
+                with open(f, "rb") as fh:
+                    n = struct.unpack("<Q", fh.read(8))[0]
+                    header = _json.loads(fh.read(n))
+            except (OSError, ValueError, struct.error):
+                continue
+            idx.update({k: f for k in header if k != "__metadata__"})
+    if isinstance(extra, dict):
+        extra["_weight_files"] = idx
+    return idx
+
+
+def lazy_tensors(loaded, names) -> dict:
+    """Fresh, unevaluated arrays for the named tensors, read from the model's safetensors on
+    evaluation and cast as :func:`open_model` casts them. Names missing from the files are left
+    out. Nothing else keeps a reference: once the caller drops them, their memory is free."""
+    import mlx.core as mx
+
+    files = _weight_files(loaded)
+    by_file: dict = {}
+    for n in names:
+        if n in files:
+            by_file.setdefault(files[n], []).append(n)
+    dtype = getattr(loaded, "dtype", None) or mx.float32
+    out = {}
+    for f, keys in by_file.items():
+        arrs = mx.load(str(f))  # lazy: the header only
+        for k in keys:
+            a = arrs[k]
+            out[k] = a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a
+        del arrs
+    return out
+
+
+def release_weights(loaded, prefix: str) -> bool:
+    """Swap the (evaluated) parameters under ``prefix`` (e.g. ``"model.layers.3"``) for lazy
+    arrays read from the model's files: their memory is freed and the model stays usable (the
+    weights are read again when next used). False when the files do not hold them all."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    mod = loaded.model
+    for part in prefix.split("."):
+        mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+    names = [f"{prefix}.{n}" for n, _ in tree_flatten(mod.parameters())]
+    fresh = lazy_tensors(loaded, names)
+    if len(fresh) != len(names):
+        return False
+    mod.update(tree_unflatten([(n[len(prefix) + 1:], a) for n, a in fresh.items()]))
+    mx.clear_cache()
+    return True
+
+
+class StreamedBlocks:
+    """A sequence of per-block float weights (matrix name -> (out, in) array), each read from
+    the model's files when indexed and held only as long as the caller keeps it (quantization
+    report one block at a time)."""
+
+    def __init__(self, loaded):
+        from dupstudio.core.model_io import MATRIX_NAMES, matrix_module_path
+
+        self.loaded = loaded
+        self.n = len(loaded.model.model.layers)
+        self._names = {m: matrix_module_path(m) for m in MATRIX_NAMES}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for k in range(self.n):
+            yield self[k]
+
+    def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        keys = {m: f"model.layers.{k}.{p}.weight" for m, p in self._names.items()}
+        t = lazy_tensors(self.loaded, keys.values())
+        if len(t) != len(keys):  # not file-backed: the model's own arrays
+            from dupstudio.core.model_io import block_linears
+
+            return block_linears(self.loaded.model)[k]
+        return {m: t[key] for m, key in keys.items()}
+
+
+class _FileWeights:
+    """matrix name -> block k's float weight, a *fresh* lazy read from the model's files at every
+    access: nothing holds the evaluated weight once the computation that used it is done."""
+
+    def __init__(self, loaded, k: int):
+        from dupstudio.core.model_io import MATRIX_NAMES, matrix_module_path
+
+        self.loaded = loaded
+        self.names = {m: f"model.layers.{k}.{matrix_module_path(m)}.weight" for m in MATRIX_NAMES}
+
+    def __getitem__(self, m):
+        key = self.names[m]
+        return lazy_tensors(self.loaded, [key])[key]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):
+        return ((m, self[m]) for m in self.names)
+
+    def values(self):
+        return (self[m] for m in self.names)
+
+
+def _file_linear_class():
+    import mlx.nn as nn
+
+    class FileLinear(nn.Module):
+        """``nn.Linear`` without bias whose weight is read from the model's files at each call
+        (the same ``x @ W.T``)."""
+
+        def __init__(self, weights: _FileWeights, name: str):
+            super().__init__()
+            self._weights, self._name = weights, name
+
+        def __call__(self, x):
+            return x @ self._weights[self._name].T
+
+    return FileLinear
+
+
+def _file_layer(loaded, k: int):
+    """(decoder layer k with file-backed linears, its file-backed weights), or the model's own
+    layer and weights when the model's files do not hold them."""
+    import copy
+
+    from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES
+
+    src = loaded.model.model.layers[k]
+    fw = _FileWeights(loaded, k)
+    if len(lazy_tensors(loaded, fw.names.values())) != len(fw.names):
+        return src, _layer_linears(src)
+    FileLinear = _file_linear_class()
+    blk, attn, mlp = copy.copy(src), copy.copy(src.self_attn), copy.copy(src.mlp)
+    for m in MATRIX_NAMES:
+        setattr(attn if m in ATTN_MATRICES else mlp, m, FileLinear(fw, m))
+    blk.self_attn, blk.mlp = attn, mlp
+    return blk, fw
+
+
+# --------------------------------------------------------------------------- calibration
+class _Acts:
+    """Activations at a block boundary: MLX arrays, or (spilled) .npy memory maps under
+    dupstudio_home()/tmp read back a batch at a time. float32, as calibrate() holds them."""
+
+    def __init__(self, spill: bool):
+        self.spill = spill
+        self.files: list = []
+
+    def keep(self, arr):
+        import mlx.core as mx
+
+        if not self.spill:
+            return arr
+        from dupstudio.core.model_io import dupstudio_home
+
+        d = dupstudio_home() / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="calib-acts-", suffix=".npy", dir=d)
+        os.close(fd)
+        self.files.append(Path(name))
+        mm = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=tuple(arr.shape))
+        if isinstance(arr, np.ndarray):
+            mm[:] = arr
+        else:
+            mx.eval(arr)
+            mm[:] = np.asarray(arr)
+        mm.flush()
+        return mm
+
+    def new(self, shape):
+        """An empty spilled buffer to fill batch by batch."""
+        from dupstudio.core.model_io import dupstudio_home
+
+        d = dupstudio_home() / "tmp"
+        d.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="calib-acts-", suffix=".npy", dir=d)
+        os.close(fd)
+        self.files.append(Path(name))
+        return np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=tuple(shape))
+
+    @staticmethod
+    def whole(h):
+        import mlx.core as mx
+
+        return mx.array(np.asarray(h)) if isinstance(h, np.ndarray) else h
+
+    @staticmethod
+    def part(h, sl):
+        import mlx.core as mx
+
+        return mx.array(np.asarray(h[sl])) if isinstance(h, np.ndarray) else h[sl]
+
+    def drop(self, h):
+        if isinstance(h, np.memmap) and h.filename:
+            f = Path(h.filename)
+            del h
+            try:
+                f.unlink()
+            except OSError:
+                pass
+            self.files = [p for p in self.files if p != f]
+
+    def close(self):
+        for f in self.files:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        self.files = []
+
+
+def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
+                       progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+                       on_loss=None, checkpoint_dir=None, blocks: Optional[list] = None,
+                       spill="auto", release: bool = True, dtype=None):
+    """:func:`dupstudio.core.calibrate.calibrate`, one decoder block in memory at a time.
+
+    ``source``: a model path/name (opened lazily here) or a :class:`LoadedModel`. The
+    embedding is read for the embed step and released; block k's float weights are read from
+    the model's safetensors when block k starts and released (swapped back for lazy file-backed
+    arrays, so a passed-in model stays usable) when it ends. Activations live at one block
+    boundary: the calibration inputs and targets (float32), in memory or, with ``spill``
+    (True, or "auto": when three copies would take more than half the available memory), in
+    memory-mapped files under ``dupstudio_home()/tmp``, read back for the block being tuned.
+    With a ``checkpoint_dir`` a finished block's tensors are held as lazy reads of its
+    checkpoint file (as resumed blocks are), so the result does not grow in memory either.
+
+    Same per-block code (``_calibrate_block``, ``_apply_current``, ``block_forward``), same
+    random generator, same batches and operation order as the in-memory path: the tensors and
+    losses of the returned configuration are identical to ``calibrate()``'s."""
+    from dataclasses import asdict
+
+    import mlx.core as mx
+
+    from dupstudio.core import calibrate as CB
+    from dupstudio.core.config import validate
+    from dupstudio.core.evaluate import provenance as _prov
+    from dupstudio.core.model_io import LoadedModel, model_shape, open_model
+    from dupstudio.core.replicate import embedding_modules
+
+    progress, cancel = ensure(progress, cancel)
+    own = not isinstance(source, LoadedModel)
+    loaded = open_model(source, lazy=True, dtype=dtype) if own else source
+    validate(cfg, model_shape(loaded.config))
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < 16:
+        raise DupstudioError("calibration tokens must be (sequences, length ≥ 16)")
+    t_start = time.perf_counter()
+    out = cfg.copy()
+    out.tensors = dict(cfg.tensors)
+    base = loaded.model.model
+    n_blocks = len(base.layers)
+    todo = set(range(n_blocks) if blocks is None else blocks)
+    if not todo:
+        raise DupstudioError("no blocks to calibrate")
+    if max(todo) >= n_blocks or min(todo) < 0:
+        raise DupstudioError(f"block {max(todo)} is beyond the model's {n_blocks} blocks")
+    last = max(todo)
+    rng = np.random.default_rng(settings.seed)
+    n_seq = tokens.shape[0]
+    bs = settings.batch
+    mask = "causal"
+    act_bytes = n_seq * tokens.shape[1] * loaded.model.args.hidden_size * 4
+    if spill == "auto":
+        spill = 3 * act_bytes > available_memory() // 2
+    acts = _Acts(bool(spill))
+    results = []
+    ck = Path(checkpoint_dir) if checkpoint_dir else None
+    if ck:
+        ck.mkdir(parents=True, exist_ok=True)
+    on_disk: dict = {}
+
+    def to_disk(k):
+        """Hold block k's finished tensors as lazy reads of its checkpoint file (as resumed
+        blocks are), so the result does not grow in memory block after block."""
+        if k in on_disk:
+            lz = mx.load(str(CB._ck_paths(ck, k)[0]))
+            out.tensors.update({key: lz[key] for key in on_disk[k]})
+
+    def advance(k, y, x_q):
+        """(float inputs, quantized inputs) of block k + 1 from block k's targets ``y``."""
+        if settings.incremental:
+            new_q = acts.keep(CB._apply_current(loaded, out, k, acts.whole(x_q), mask, bs))
+            acts.drop(x_q)
+            return y, new_q
+        acts.drop(x_q)  # (not incremental: x_q is the previous float inputs)
+        return y, y
+
+    try:
+        # embed step: the float embedding (and the configuration's) only for this step
+        toks = mx.array(tokens)
+        x_fp = base.embed_tokens(toks).astype(mx.float32)
+        emb_q, _ = embedding_modules(loaded, cfg, "simulate", mx.float32)
+        x_q = emb_q(toks).astype(mx.float32)
+        mx.eval(x_fp, x_q)
+        del emb_q
+        if release:
+            release_weights(loaded, "model.embed_tokens")
+        if not settings.incremental:
+            x_q = x_fp
+        same = x_q is x_fp
+        x_fp = acts.keep(x_fp)
+        x_q = x_fp if same else acts.keep(x_q)
+        for k in range(n_blocks):
+            cancel.check()
+            t0 = time.perf_counter()
+            # block k's float weights: read from the files for each use, never held
+            layer, fw = _file_layer(loaded, k)
+            # targets: the float block on the float inputs (batch by batch, as calibrate())
+            if acts.spill:
+                y = acts.new(x_fp.shape)
+                for sl in CB._chunks(n_seq, bs):
+                    o = CB.block_forward(layer, acts.part(x_fp, sl), mask)
+                    mx.eval(o)
+                    y[sl] = np.asarray(o)
+                y.flush()
+            else:
+                y = mx.concatenate([CB.block_forward(layer, x_fp[sl], mask)
+                                    for sl in CB._chunks(n_seq, bs)])
+                mx.eval(y)
+            if x_q is not x_fp:
+                acts.drop(x_fp)  # (not incremental: x_q is x_fp, dropped in advance())
+            x_fp = None
+
+            if k not in todo:
+                x_fp, x_q = advance(k, y, x_q)
+                del layer, fw, y
+                if release:
+                    release_weights(loaded, f"model.layers.{k}")
+                continue
+            done = CB._load_checkpoint(ck, k, settings, cfg) if ck else None
+            if done is not None:
+                t, gains, beta, rec = done  # (t: lazy reads of the checkpoint file)
+                out.tensors.update(t)
+                if t:
+                    on_disk[k] = list(t)
+                out.blocks[k].gains, out.blocks[k].residual_gain, out.blocks[k].calibration = \
+                    gains, beta, rec
+                results.append(CB.BlockResult(k, rec["loss_before"], rec["loss_after"],
+                                              rec["accepted"], rec["seconds"], rec["steps"],
+                                              rec["method"]))
+                progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
+            else:
+                xq_m, y_m = acts.whole(x_q), acts.whole(y)
+                res, t, gains, beta = CB._calibrate_block(loaded, out, k, fw, layer, xq_m, y_m,
+                                                          mask, settings, rng, progress, cancel,
+                                                          on_loss, n_blocks)
+                del xq_m, y_m
+                results.append(res)
+                rec = asdict(res)
+                rec.pop("curve")
+                rec["settings"] = settings.key()
+                if res.accepted:
+                    out.tensors.update(t)
+                    out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
+                out.blocks[k].calibration = rec
+                if ck:
+                    CB._save_checkpoint(ck, k, settings, t if res.accepted else {},
+                                        out.blocks[k].gains, out.blocks[k].residual_gain, rec)
+                    if res.accepted:
+                        on_disk[k] = list(t)
+                        to_disk(k)
+                del t
+            progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
+                     f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s, streamed)")
+            if k != last:
+                x_fp, x_q = advance(k, y, x_q)
+                to_disk(k)  # advancing read (and so would keep) block k's tensors
+            del layer, fw, y
+            if release:
+                release_weights(loaded, f"model.layers.{k}")
+            if k == last:
+                break  # nothing after the last requested block changes
+    finally:
+        acts.close()
+    progress(1.0, f"calibrated {len(results)} block(s) (streamed)")
+    out.provenance = dict(out.provenance)
+    out.provenance["calibration"] = {
+        "settings": asdict(settings),
+        "seconds": time.perf_counter() - t_start,
+        "blocks": [asdict(r) | {"curve": r.curve[-1:]} for r in results],
+        **_prov("", n_seq, tokens.shape[1], settings.seed),
+        "streamed": True,
+    }
+    out.provenance["calibration"].pop("text_sha256", None)
+    return out
+
+
+def _layer_linears(layer) -> dict:
+    """The float linear weights of one decoder layer keyed by MATRIX_NAMES (as block_linears)."""
+    from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES
+
+    return {m: getattr(layer.self_attn if m in ATTN_MATRICES else layer.mlp, m).weight
+            for m in MATRIX_NAMES}

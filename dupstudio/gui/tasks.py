@@ -218,7 +218,10 @@ def calibration_checkpoint_dir(loaded, cfg, tokens: np.ndarray, settings) -> Pat
     return dupstudio_home() / "gui-calibration" / h.hexdigest()[:20]
 
 
-def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True):
+def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True, stream: bool = False):
+    """``stream``: one block's float weights in memory at a time (the open model's weights are
+    released block by block to lazy reads of its files; it stays usable)."""
+
     def job(progress, cancel, emit):
         from dupstudio.core.calibrate import calibrate
         from dupstudio.core.evaluate import make_windows, read_text, tokenize
@@ -235,7 +238,11 @@ def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True):
 
         t0 = time.perf_counter()
         new = calibrate(loaded, cfg, windows, settings, progress=progress, cancel=cancel,
-                        on_loss=on_loss, checkpoint_dir=ck)
+                        on_loss=on_loss, checkpoint_dir=ck, stream=stream)
+        if stream:  # held as lazy reads of the checkpoint files: read them here, on this thread
+            import mlx.core as mx
+
+            mx.eval(list(new.tensors.values()))
         return {"config": new, "seconds": time.perf_counter() - t0,
                 "records": [b.calibration for b in new.blocks]}
 

@@ -122,6 +122,15 @@ class CalibrationPanel(QWidget):
         self.summary.setMinimumWidth(320)
         self.summary.setMaximumWidth(440)
         side.addWidget(self.summary)
+        self.memory = QLabel()
+        self.memory.setObjectName("calibrationMemory")
+        self.memory.setWordWrap(True)
+        self.memory.setMinimumWidth(320)
+        self.memory.setMaximumWidth(440)
+        self.memory.setTextFormat(Qt.RichText)
+        side.addWidget(self.memory)
+        self.memory_estimate: Optional[dict] = None
+        self.will_stream = False
         side.addStretch(1)
         top.addLayout(side)
         lay.addLayout(top)
@@ -153,7 +162,16 @@ class CalibrationPanel(QWidget):
         project.busy_changed.connect(lambda _b: self._sync_buttons())
         project.model_changed.connect(self._sync_buttons)
         project.config_replaced.connect(self._show_records)
+        for w in (self.seqs, self.seq_len, self.batch):
+            w.valueChanged.connect(self.update_memory)
+        for w in (self.method, self.preset):
+            w.currentIndexChanged.connect(self.update_memory)
+        self.resume.toggled.connect(self.update_memory)
+        project.model_changed.connect(self.update_memory)
+        project.config_replaced.connect(self.update_memory)
+        project.blocks_changed.connect(self.update_memory)
         self._sync_buttons()
+        self.update_memory()
 
     def _show_records(self) -> None:
         """Plot the calibration records the current configuration carries (after undo, open, …)."""
@@ -192,6 +210,42 @@ class CalibrationPanel(QWidget):
             if v is not None:
                 w.setValue(int(v))
 
+    def update_memory(self, *_a) -> None:
+        """Estimated peak memory of both calibration paths and the one a run will take: streamed
+        (one block's float weights at a time) when the in-memory path would not fit the
+        available memory plus the float model the app already holds."""
+        from dupstudio.core import streaming as S
+
+        p = self.project
+        if not p.has_model:
+            self.memory_estimate, self.will_stream = None, False
+            self.memory.setText("")
+            return
+        try:
+            s = self.settings()
+        except DupstudioError as e:
+            self.memory.setText(f"Memory estimate: {e}")
+            return
+        est = S.estimate_calibration_memory(p.loaded.config, p.config, s.seqs, s.seq_len, s,
+                                            checkpoint=self.resume.isChecked())
+        avail = S.available_memory()
+        held = est["float_model_bytes"]  # the open model is already in memory
+        self.will_stream = S.pick_stream(est["in_memory_bytes"], avail, resident=held)
+        self.memory_estimate = dict(est, available_bytes=avail, stream=self.will_stream)
+        h = S.human_bytes
+        path = "<b>streamed</b> (one block at a time)" if self.will_stream else "<b>in memory</b>"
+        self.memory.setText(
+            f"Peak memory (estimate): in memory {h(est['in_memory_bytes'])} · streamed "
+            f"{h(est['streamed_bytes'])}<br>available {h(avail)} + the open model "
+            f"{h(held)} → {path}")
+        self.memory.setToolTip(
+            f"Float model {h(est['float_model_bytes'])} (streamed: one block, "
+            f"{h(est['float_block_bytes'])}, or the embedding, {h(est['embedding_bytes'])}); "
+            f"quantized blocks {h(est['quantized_bytes'])}; one block's calibration problem "
+            f"(codes, XᵀX, dequantized weights and gradients, Adam state, a batch) "
+            f"{h(est['block_work_bytes'])}; activations {h(est['activation_bytes'])}. "
+            "Plus ~0.3 GB for the runtime.")
+
     def running(self) -> bool:
         return self.job is not None and self.job.active
 
@@ -224,10 +278,13 @@ class CalibrationPanel(QWidget):
         self._settings = settings
         self.block_plot.getPlotItem().clear()
         p.set_locked(True)
+        self.update_memory()
+        stream = self.will_stream
         self.bar.running(f"Calibrating {p.num_blocks} blocks ({settings.method}, "
-                         f"{self.preset.currentData()} preset)…")
+                         f"{self.preset.currentData()} preset{', streamed' if stream else ''})…")
         self.job = self.window.runner.submit(
-            tasks.calibrate_job(p.loaded, cfg, path, settings, resume=self.resume.isChecked()),
+            tasks.calibrate_job(p.loaded, cfg, path, settings, resume=self.resume.isChecked(),
+                                stream=stream),
             name="calibration", on_done=self._done, on_error=self._failed, on_progress=self.bar.progress,
             on_event=self._event)
         self._redraw.start()
