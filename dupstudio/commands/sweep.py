@@ -74,6 +74,29 @@ def _is_writer() -> bool:
         return True
 
 
+def label_offsets(dd, x: str) -> dict:
+    """{row index: k}: labels of points that would overlap (close in x and in log perplexity)
+    are stacked, the k-th one k label-heights up."""
+    import numpy as np
+
+    if dd.empty:
+        return {}
+    xs = dd[x].to_numpy(float)
+    ly = np.log10(dd["ppl"].to_numpy(float))
+    xr = max(xs.max() - xs.min(), 1e-9)
+    yr = max(ly.max() - ly.min(), 0.5)
+    order = np.lexsort((ly, xs))
+    out, placed = {}, []
+    for j in order:
+        k = 0
+        while any(abs(xs[j] - xs[p]) < 0.2 * xr and abs(ly[j] + k * yr * 0.035 - (ly[p] + kp * yr * 0.035))
+                  < yr * 0.03 for p, kp in placed):
+            k += 1
+        placed.append((j, k))
+        out[dd.index[j]] = k
+    return out
+
+
 def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) -> list:
     """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
     matplotlib if installed, else pyqtgraph's offscreen ImageExporter. Returns the written paths."""
@@ -81,6 +104,8 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
 
     d = df[df["ppl"].notna() & (df["ppl"] > 0)].copy()
     d["front"] = pareto_front(d, "bits_per_weight", "ppl")
+    fp = d[d["source"] == "fp"]
+    fp_ppl = float(fp["ppl"].iloc[0]) if not fp.empty else None
     specs = [("ppl_vs_bpw.png", "bits_per_weight", "bits / weight (decoder-block linears)", True),
              ("ppl_vs_latency.png", "latency_ms", f"predicted decode latency, ms/token ({profile})", False)]
     paths = []
@@ -92,17 +117,27 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
 
         for fname, x, xlabel, front in specs:
             dd = d[d[x].notna()]
-            fig, ax = plt.subplots(figsize=(8, 5))
+            if front:  # bits plot: full precision (16 bits) as a line, not a far-away point
+                dd = dd[dd["source"] != "fp"]
+            fig, ax = plt.subplots(figsize=(9, 6))
+            offs = label_offsets(dd, x)
             for src, mk in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "*")):
                 s = dd[dd["source"] == src]
                 ax.scatter(s[x], s["ppl"], marker=mk, label=src)
-                for _, r in s.iterrows():
-                    ax.annotate(r["name"], (r[x], r["ppl"]), fontsize=6)
+                for i, r in s.iterrows():
+                    ax.annotate(r["name"], (r[x], r["ppl"]), fontsize=6, xytext=(5, 8 * offs[i]),
+                                textcoords="offset points")
+            if front and fp_ppl:
+                ax.axhline(fp_ppl, color="g", ls=":", lw=1, label=f"full precision ({fp_ppl:.1f})")
             if front:
                 f = dd[dd["front"]].sort_values(x)
                 ax.plot(f[x], f["ppl"], "k--", label="Pareto front")
                 for b in (budgets or [budget_bpw]):
                     ax.axvline(b, color="r", lw=0.8, label=f"budget {b:g}")
+            if not dd.empty:
+                xv = dd[x].to_numpy(float)
+                span = max(xv.max() - xv.min(), 1e-3)
+                ax.set_xlim(xv.min() - 0.03 * span, xv.max() + 0.45 * span)
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("perplexity")
@@ -125,6 +160,9 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
     colors = {"dupstudio": (31, 119, 180), "mlx-lm": (255, 127, 14), "fp": (44, 160, 44)}
     for fname, x, xlabel, front in specs:
         dd = d[d[x].notna()]
+        if front:
+            dd = dd[dd["source"] != "fp"]
+        offs = label_offsets(dd, x)
         pw = pg.PlotWidget(background="w")
         pw.resize(900, 560)
         pi = pw.getPlotItem()
@@ -138,10 +176,17 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
                 continue
             pi.plot(s[x].to_numpy(float), s["ppl"].to_numpy(float), pen=None, symbol=sym, symbolSize=9,
                     symbolBrush=colors[src], name=src)
-            for _, r in s.iterrows():
+            ly = np.log10(dd["ppl"].to_numpy(float))
+            step = max(ly.max() - ly.min(), 0.5) * 16 / 500  # one label height, in decades
+            for i, r in s.iterrows():
                 t = pg.TextItem(str(r["name"]), color=(60, 60, 60), anchor=(0, 1))
-                t.setPos(float(r[x]), float(np.log10(r["ppl"])))
+                t.setPos(float(r[x]), float(np.log10(r["ppl"])) + step * offs[i])
                 pi.addItem(t)
+        if front and fp_ppl:
+            pi.addItem(pg.InfiniteLine(pos=float(np.log10(fp_ppl)), angle=0,
+                                       pen=pg.mkPen((44, 160, 44), style=pg.QtCore.Qt.PenStyle.DotLine),
+                                       label=f"full precision {fp_ppl:.1f}",
+                                       labelOpts={"position": 0.9, "color": (44, 120, 44)}))
         if front:
             f = dd[dd["front"]].sort_values(x)
             pi.plot(f[x].to_numpy(float), f["ppl"].to_numpy(float), pen=pg.mkPen("k", width=1.5,
@@ -149,6 +194,10 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
             for b in (budgets or [budget_bpw]):
                 pi.addItem(pg.InfiniteLine(pos=b, angle=90, pen=pg.mkPen("r"), label=f"≤{b:g}",
                                            labelOpts={"position": 0.95, "color": (200, 0, 0)}))
+        if not dd.empty:
+            xv = dd[x].to_numpy(float)
+            span = max(xv.max() - xv.min(), 1e-3)
+            pi.setXRange(xv.min() - 0.03 * span, xv.max() + 0.45 * span, padding=0)
         exp = pge.ImageExporter(pi)
         exp.parameters()["width"] = 900
         exp.export(str(out / fname))
