@@ -258,7 +258,7 @@ def summary_markdown(df, budgets, *, seconds: float, machine: str = "") -> str:
                 return "none"
             r = df[df["name"] == n].iloc[0]
             return f"{n} (ppl {r['ppl']:.4g}, {r['bits_per_weight']:.3f} bpw)"
-        out.append(f"- best within {b:g} bits/weight: dupstudio {desc(dn)}; mlx-lm {desc(mn)}")
+        out.append(f"- best within {b:g} bits/weight: dupstudio: {desc(dn)}; mlx-lm: {desc(mn)}")
     rtn3 = df[df["name"].str.startswith("RTN 3-bit")]
     if not rtn3.empty:
         out.append(f"- RTN 3-bit: ppl {rtn3.iloc[0]['ppl']:.4g} at {rtn3.iloc[0]['bits_per_weight']:.3f} bpw")

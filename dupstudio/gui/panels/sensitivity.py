@@ -97,6 +97,7 @@ class SensitivityPlot(pg.GraphicsLayoutWidget):
                 ax.setPen(pg.mkPen("#444"))
                 ax.setTextPen(pg.mkPen("#222"))
                 ax.enableAutoSIPrefix(False)
+            pi.getAxis("left").setWidth(52)  # room for "0.005"-style labels; both charts aligned
             pi.setTitle(ptitle, size="9pt")
             _no_min_width(pi.titleLabel)  # a long title must not widen the chart past its dock
             pi.showGrid(x=False, y=True, alpha=0.25)
