@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="calibration sequence length (override)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--kl-windows", type=int, default=8, help="calibration windows the search's KL uses")
-    p.add_argument("--max-refine", type=int, default=2, help="refinement trials of the search")
+    p.add_argument("--max-refine", type=int, default=1, help="refinement trials of the search")
     p.add_argument("--moves", default=None,
                    help="comma-separated search moves (default: g32,serial-group,parallel-group,serial-channel; "
                         "also parallel-channel)")
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-mlx-lm", action="store_true", help="skip mlx-lm's baselines")
     p.add_argument("--mlx-lm", default=None,
                    help="comma-separated mlx-lm baselines as method:bits:group (methods plain, mixed_2_6, "
-                        "mixed_3_6, gptq, awq, dwq); default: plain:2:64,plain:2:32,mixed_2_6:2:64,"
+                        "mixed_3_6, gptq, awq, dwq); default: plain:2:64,mixed_2_6:2:64,"
                         "mixed_3_6:2:64,gptq:2:64,gptq:2:32,awq:2:64,dwq:2:64")
     p.add_argument("--dist-timeout", type=float, default=None,
                    help="under mlx.launch: seconds a rank waits for the others beyond their predicted "

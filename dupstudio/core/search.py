@@ -247,7 +247,7 @@ def _slot(move: str) -> str:
 
 def search(loaded, cal_tokens: np.ndarray, budget_bpw: float = 2.5, budget_latency_ms: Optional[float] = None,
            profile: str = "apple-m1-pro", *, bits: int = 2, group_size: int = 64, settings=None,
-           score_settings=None, moves=DEFAULT_MOVES, kl_windows: int = 8, max_refine: int = 2,
+           score_settings=None, moves=DEFAULT_MOVES, kl_windows: int = 8, max_refine: int = 1,
            cache: Optional[CalibrationCache] = None, scores: Optional[list] = None,
            reference=None, progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None):
     """Choose per block the group size, replica count, mode and granularity (and, under a latency
@@ -275,8 +275,8 @@ def search(loaded, cal_tokens: np.ndarray, budget_bpw: float = 2.5, budget_laten
     t_start = time.perf_counter()
     shape = _shape(loaded)
     settings = _fast(settings)
-    score_settings = score_settings or replace(settings, steps=max(1, settings.steps // 5),
-                                               seqs=min(settings.seqs, 8), holdout=0.0)
+    score_settings = score_settings or replace(settings, steps=max(1, settings.steps // 10),
+                                               seqs=min(settings.seqs, 4), holdout=0.0)
     n = shape["num_blocks"]
     ok_g = dividing_group_sizes(shape)
     bad = [m for m in moves if m not in MOVES]
@@ -476,7 +476,7 @@ def mlx_block_bpw(model) -> float:
 
 
 #: mlx-lm quantizers in the default sweep (``awq`` on a reduced calibration set: see mlx_lm_model)
-DEFAULT_MLX_LM = (("plain", 2, 64), ("plain", 2, 32), ("mixed_2_6", 2, 64), ("mixed_3_6", 2, 64),
+DEFAULT_MLX_LM = (("plain", 2, 64), ("mixed_2_6", 2, 64), ("mixed_3_6", 2, 64),
                   ("gptq", 2, 64), ("gptq", 2, 32), ("awq", 2, 64), ("dwq", 2, 64))
 
 
@@ -667,6 +667,8 @@ class SweepContext:
         self._ref = None
         self._kl_ref = None
         self.scores = {}
+        self._evals = {}
+        self.eval_hits = 0
 
     def reference(self, cancel=None):
         """The evaluation reference: cached log-probs when they take < 1/4 of available memory."""
@@ -690,6 +692,18 @@ class SweepContext:
         return {"ppl": r.ppl, "ppl_lo": r.ppl_ci95[0], "ppl_hi": r.ppl_ci95[1], "kl": r.kl,
                 "top1": r.top1_agreement}
 
+    def evaluate_config(self, cfg, cancel=None) -> dict:
+        """Metrics of a configuration (simulate mode); an identical configuration evaluated
+        earlier in this sweep is not evaluated again (e.g. a search that returns its base)."""
+        from dupstudio.core.replicate import build
+
+        key = CalibrationCache.key(cfg, self.ev, self.settings)
+        if key not in self._evals:
+            self._evals[key] = self.evaluate(build(self.loaded, cfg, "simulate"), cancel)
+        else:
+            self.eval_hits += 1
+        return dict(self._evals[key])
+
 
 def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> tuple:
     """(row dict, Config or None) of one sweep job."""
@@ -711,7 +725,7 @@ def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> 
         if job.calibrate:
             cfg = ctx.cache.calibrate(ctx.loaded, cfg, ctx.cal, ctx.settings, progress=progress, cancel=cancel)
         row = {"name": job.name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
-               "embedding_bits": cfg.embedding.bits, **ctx.evaluate(build(ctx.loaded, cfg, "simulate"), cancel),
+               "embedding_bits": cfg.embedding.bits, **ctx.evaluate_config(cfg, cancel),
                "latency_ms": predicted_latency_ms(cfg, shape, profile),
                "note": "calibrated (preset settings)" if job.calibrate else ""}
     elif job.kind == "search":
@@ -732,7 +746,7 @@ def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> 
                                          for r in sc])
         chosen = cfg.provenance["search"]["chosen"]
         row = {"name": job.name, "source": "dupstudio", "bits_per_weight": accounting(cfg, shape)["bits_per_weight"],
-               "embedding_bits": cfg.embedding.bits, **ctx.evaluate(build(ctx.loaded, cfg, "simulate"), cancel),
+               "embedding_bits": cfg.embedding.bits, **ctx.evaluate_config(cfg, cancel),
                "latency_ms": predicted_latency_ms(cfg, shape, profile),
                "note": (f"changed blocks: {chosen}" if chosen else "no move fits/helps: the calibrated base")}
     elif job.kind == "mlx-lm":
@@ -808,6 +822,7 @@ def sweep(loaded, cal_tokens: np.ndarray, eval_windows: np.ndarray, *, budget_bp
     progress(1.0, f"sweep: {len(rows)} rows")
     df = mark_budgets(pd.DataFrame(rows), budgets, budget_latency_ms)
     df.attrs["calibration_cache_hits"] = ctx.cache.hits
+    df.attrs["evaluation_cache_hits"] = ctx.eval_hits
     return df, cfgs
 
 

@@ -106,3 +106,16 @@ def test_pareto_front():
     df = pd.DataFrame({"bits_per_weight": [2.5, 3.0, 3.0, 4.5, 2.5],
                        "ppl": [100.0, 50.0, 60.0, 55.0, float("nan")]})
     assert list(S.pareto_front(df)) == [True, True, False, False, False]
+
+
+def test_sweep_reuses_identical_calibrations_and_evaluations(tiny_loaded, data):
+    """search ≤2.5 on a 2-bit g64 base admits no move: it is the calibrated K=1 row, computed once."""
+    cal, ev, st = data
+    jobs = [j for j in S.sweep_jobs(tiny_loaded, budgets=(2.5,), mlx_lm=()) if j.kind in ("config", "search")
+            and (j.calibrate or j.kind == "search")]
+    assert [j.name for j in jobs] == ["calibrated K=1 2-bit g64", "search ≤2.5 bpw"]
+    df, cfgs = S.sweep(tiny_loaded, cal, ev[:2], budget_bpw=2.5, settings=st, jobs=jobs,
+                       search_kwargs={"kl_windows": 2})
+    a, b = df.iloc[0], df.iloc[1]
+    assert df.attrs["calibration_cache_hits"] == 1 and df.attrs["evaluation_cache_hits"] == 1
+    assert a["ppl"] == b["ppl"] and a["kl"] == b["kl"] and a["bits_per_weight"] == b["bits_per_weight"] == 2.5
