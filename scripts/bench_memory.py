@@ -5,6 +5,7 @@ operating system's counters (the child's VmHWM from /proc/self/status, else ru_m
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \
         .venv/bin/python scripts/bench_memory.py --params 1.5e9   # the issue-11 benchmark
     .venv/bin/python scripts/bench_memory.py --params 5e7         # a quick check of the script
+    ... scripts/bench_memory.py --params 1.5e9 --cases eval-streamed   # one case (~1 min)
 
 Writes the synthetic model (float16 safetensors, the default model's tokenizer) under
 DUPSTUDIO_HOME/synthetic once. The calibration is short (--seqs x --seq-len tokens, --steps Adam
@@ -48,6 +49,13 @@ print(json.dumps({"code": code, "vmhwm": hwm, "maxrss": ru, "result": result}))
 """
 
 
+CASES = ("eval-memory", "eval-streamed", "calibrate-memory", "calibrate-streamed")
+
+
+def _case_name(what: str, flag: str) -> str:
+    return f"{what}-{'streamed' if flag == '--stream' else 'memory'}"
+
+
 def run_case(argv: list, env: dict) -> dict:
     import resource
 
@@ -85,11 +93,19 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--init", default="rtn", choices=["rtn", "closed_form"])
     ap.add_argument("--only", choices=["eval", "calibrate"], default=None)
+    ap.add_argument("--cases", default=None, help="comma-separated subset of " + ", ".join(CASES)
+                    + " (default: all, or those of --only)")
     ap.add_argument("--limit", type=float, default=0.40, help="streamed peak / float16 size bound")
     ap.add_argument("--force", action="store_true", help="run in-memory cases even when their "
                     "estimate exceeds the available memory")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = ap.parse_args()
+    wanted = set(CASES) if args.cases is None else {c.strip() for c in args.cases.split(",") if c.strip()}
+    if wanted - set(CASES):
+        ap.error(f"--cases: unknown {', '.join(sorted(wanted - set(CASES)))} (choose from "
+                 f"{', '.join(CASES)})")
+    if args.only:
+        wanted = {c for c in wanted if c.startswith(args.only)}
 
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import settings_from
@@ -131,15 +147,15 @@ def main() -> int:
     avail = available_memory()
     env = dict(os.environ)
     cases = []
-    if args.only in (None, "eval"):
-        for flag in ("--no-stream", "--stream"):
+    for flag in ("--no-stream", "--stream"):
+        if _case_name("eval", flag) in wanted:
             argv = ["eval", str(work / "cfg.json"), "--text", str(work / "text.txt"), "--windows",
                     str(args.windows), "--ctx", str(args.ctx), "--batch", str(args.batch), "--json",
                     flag] + ([] if args.kl else ["--no-kl"])
             est = est_e["eval_in_memory_bytes" if flag == "--no-stream" else "eval_streamed_bytes"]
             cases.append(("eval", flag, argv, est))
-    if args.only in (None, "calibrate"):
-        for flag in ("--no-stream", "--stream"):
+    for flag in ("--no-stream", "--stream"):
+        if _case_name("calibrate", flag) in wanted:
             out = work / f"cal{flag.replace('--', '-')}.json"
             argv = ["calibrate", str(work / "cfg.json"), "--text", str(work / "text.txt"),
                     "--seqs", str(args.seqs), "--seq-len", str(args.seq_len), "--steps",

@@ -103,21 +103,34 @@ def bootstrap_ppl(window_nll_sums: np.ndarray, window_tokens: np.ndarray, n_boot
     return (float(np.percentile(ppl, 2.5)), float(np.percentile(ppl, 97.5)))
 
 
+def token_scores(logits, targets, ref_logits=None) -> tuple:
+    """Per position (lazy arrays shaped like ``targets``): the NLL, and with reference logits
+    KL(reference || model) and top-1 agreement (None, None without). Every value depends on its
+    own row of logits only, so scoring rows in chunks gives the same values."""
+    import mlx.core as mx
+
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nll = -mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if ref_logits is None:
+        return nll, None, None
+    rl = ref_logits.astype(mx.float32)
+    rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
+    kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
+    ag = (mx.argmax(rl, -1) == mx.argmax(logits, -1))
+    return nll, kl, ag
+
+
 def score_logits(logits, targets, ref_logits=None) -> tuple:
     """One batch: per-window NLL sums (numpy), and, with reference logits, the summed
     KL(reference || model) and the count of top-1 agreements (0.0, 0 without)."""
     import mlx.core as mx
 
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    nll_sum = (-mx.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]).sum(axis=1)
-    if ref_logits is None:
+    nll, kl, ag = token_scores(logits, targets, ref_logits)
+    nll_sum = nll.sum(axis=1)
+    if kl is None:
         mx.eval(nll_sum)
         return np.array(nll_sum), 0.0, 0
-    rl = ref_logits.astype(mx.float32)
-    rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
-    kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
-    ag = (mx.argmax(rl, -1) == mx.argmax(logits, -1))
     mx.eval(nll_sum, kl, ag)
     return np.array(nll_sum), float(kl.sum()), int(ag.sum())
 

@@ -286,40 +286,50 @@ def make_replica_block(args, bt: BlockTensors, i: int, mode: str, dtype,
 def embedding_modules(loaded: LoadedModel, cfg: Config, mode: str, dtype, scale_dtype=None):
     """(embed module, lm_head or None) per the configuration's embedding bits (``scale_dtype``: see
     :func:`build`)."""
-    src = loaded.model.model.embed_tokens
     tied = bool(loaded.config.get("tie_word_embeddings", True))
-    e = cfg.embedding
+    emb = embedding_from(loaded.model.model.embed_tokens.weight, cfg.embedding, mode, dtype,
+                         scale_dtype)
+    head = None if tied else head_from(loaded.model.lm_head.weight, cfg.embedding, mode, dtype,
+                                       scale_dtype)
+    return emb, head
 
-    def q_embed(w):
-        wq, s, b = mx.quantize(w.astype(mx.float32), e.group_size, e.bits)
-        return wq, _f16(s), _f16(b)
 
-    if e.bits is None:
-        emb = nn.Embedding(*src.weight.shape)
-        emb.weight = src.weight.astype(dtype)
+def _q_embed(w, e):
+    wq, s, b = mx.quantize(w.astype(mx.float32), e.group_size, e.bits)
+    return wq, _f16(s), _f16(b)
+
+
+def embedding_from(w: mx.array, e, mode: str, dtype, scale_dtype=None):
+    """The embedding module of float embedding rows ``w`` (vocab, hidden) per the embedding spec
+    ``e`` (its ``bits``, ``group_size``; None: float). Quantization groups lie within a row, so
+    the module of a subset of rows holds exactly those rows of the whole one's (streamed
+    evaluation builds it a vocabulary chunk at a time)."""
+    if e is None or e.bits is None:
+        emb = nn.Embedding(*w.shape)
+        emb.weight = w.astype(dtype)
     elif mode == "simulate":
-        wq, s, b = q_embed(src.weight)
-        emb = nn.Embedding(*src.weight.shape)
+        wq, s, b = _q_embed(w, e)
+        emb = nn.Embedding(*w.shape)
         emb.weight = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
                                    e.group_size, e.bits).astype(dtype)
     else:
-        wq, s, b = q_embed(src.weight)
-        emb = nn.QuantizedEmbedding(src.weight.shape[0], src.weight.shape[1], e.group_size, e.bits)
+        wq, s, b = _q_embed(w, e)
+        emb = nn.QuantizedEmbedding(w.shape[0], w.shape[1], e.group_size, e.bits)
         emb.weight, emb.scales, emb.biases = wq, _held(s, scale_dtype), _held(b, scale_dtype)
-    head = None
-    if not tied:
-        hw = loaded.model.lm_head.weight
-        if e.bits is None:
-            head = _linear_sim(hw, dtype)
-        else:
-            wq, s, b = q_embed(hw)
-            if mode == "simulate":
-                head = _linear_sim(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
-                                                 e.group_size, e.bits), dtype)
-            else:
-                head = _linear_deploy(wq, _held(s, scale_dtype), _held(b, scale_dtype), hw.shape[1], hw.shape[0],
-                                      e.bits, e.group_size)
-    return emb, head
+    return emb
+
+
+def head_from(hw: mx.array, e, mode: str, dtype, scale_dtype=None):
+    """The untied lm_head module of float head rows ``hw`` (vocab, hidden) per the embedding
+    spec ``e`` (as :func:`embedding_from`)."""
+    if e is None or e.bits is None:
+        return _linear_sim(hw, dtype)
+    wq, s, b = _q_embed(hw, e)
+    if mode == "simulate":
+        return _linear_sim(mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32),
+                                         e.group_size, e.bits), dtype)
+    return _linear_deploy(wq, _held(s, scale_dtype), _held(b, scale_dtype), hw.shape[1],
+                          hw.shape[0], e.bits, e.group_size)
 
 
 def build(loaded: LoadedModel, cfg: Config, mode: str = "simulate", *,

@@ -81,11 +81,25 @@ def estimate_peak_memory(config_json: dict, cfg=None, windows: int = 16, ctx: in
     eval_in_memory = base + built + (build_tmp if cfg is not None else 0) + batch_tmp(batch)
     streams = 2 if ref else 1
     acts = 2 * streams * windows * T * H * b  # input and output buffers at one block boundary
-    one_block = max((1 + k) * lin * b for k in ks) + (build_tmp if cfg is not None else 0)
-    # streamed: the embedding is held for the embed step and the head, a block between them
-    emb_held = b * emb * (2 if cfg is not None and cfg.embedding.bits is not None else 1)
+    # streamed, one block at a time: its float weights (released once built unless the
+    # reference needs them), its built replicas and the codes / per-matrix temporaries of
+    # building them
+    mat = max(o * i for o, i in _block_linear_shapes(s).values())
+    build_tmp_s = lin * 4 + mat * (4 + 1 + 4)
+    one_block = max((1 + k) * lin * b for k in ks) + (build_tmp_s if cfg is not None else 0)
     blk_tmp = batch * T * (8 * H + 3 * I) * b * (2 if ref else 1)
-    eval_streamed = acts + max(emb_held + batch_tmp(batch), one_block + blk_tmp)
+    # the embedding and head are never held whole: the embed step gathers the windows' rows a
+    # vocabulary chunk at a time; the head reads (and quantizes) one vocabulary chunk at a time
+    # (stored at most 4 bytes per weight; quantized: float32 copy, codes, dequantized) and
+    # scores a chunk of rows: its logits, their vocabulary parts, log-probabilities (and the
+    # reference's, exp, product)
+    rr, vr = _head_chunks(min(batch, windows) * T, V, H)
+    r_max, v_max = max(c1 - c0 for c0, c1 in rr), max(c1 - c0 for c0, c1 in vr)
+    q = cfg is not None and cfg.embedding.bits is not None
+    vchunk = v_max * H * (4 + b + (4 + 1 + 4 if q else 0))
+    embed_step = 2 * min(V, windows * T) * H * b + vchunk
+    head_step = vchunk + r_max * v_max * 4 + r_max * V * 4 * (7 if ref else 3)
+    eval_streamed = acts + max(embed_step, head_step, one_block + blk_tmp)
     out = {
         "eval_in_memory_bytes": int(eval_in_memory),
         "eval_streamed_bytes": int(eval_streamed),
@@ -262,6 +276,86 @@ class _Released:
         raise DupstudioError("this block's weights were released by the streamed evaluation")
 
 
+# rows of the embedding / head read from the files, cast (and quantized) at a time
+VOCAB_CHUNK = 4096
+# bytes of logits scored at a time: rows × vocabulary × 4 (at least one row)
+LOGIT_CHUNK_BYTES = 32 << 20
+# multiply-adds of one chunk of the head's matmul at least: BLAS libraries switch to other
+# kernels, with another summation order, for small products (seen with OpenBLAS 0.3.21: results
+# differ from the large product's for M·N·K up to ~0.8M and for N ≤ 2)
+_MIN_GEMM = 1 << 22
+
+
+def _splits(n: int, size: int) -> list:
+    """[start, stop) ranges covering n in parts of at most ``size`` and as even as possible."""
+    parts = max(1, -(-n // max(1, size)))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _head_chunks(rows: int, vocab: int, hidden: int) -> tuple:
+    """(row ranges, vocabulary ranges) for scoring ``rows`` positions: logits of about
+    ``LOGIT_CHUNK_BYTES`` at a time, the head ``VOCAB_CHUNK`` rows at a time, but every chunk's
+    matmul large enough for the BLAS kernel the whole one uses (whole when the whole is small),
+    so that every logit is the same dot product as in one matmul."""
+    if rows * vocab * hidden <= _MIN_GEMM:
+        return [(0, rows)], [(0, vocab)]
+    r = max(LOGIT_CHUNK_BYTES // (4 * vocab), 2 * (-(-_MIN_GEMM // (vocab * hidden))) + 1)
+    rr = _splits(rows, r)
+    r_min = min(b - a for a, b in rr)
+    nv = max(VOCAB_CHUNK, 128, 2 * (-(-_MIN_GEMM // (r_min * hidden))) + 1)
+    return rr, _splits(vocab, nv)
+
+
+class _VocabWeight:
+    """The embedding (or untied lm_head) weight, read from the model's safetensors a range of
+    rows at a time (only those bytes; cast as :func:`open_model` casts) and never held whole;
+    the model's own array when its files do not hold it."""
+
+    def __init__(self, loaded, name: str, module):
+        self.loaded, self.name, self.module = loaded, name, module
+        self.vocab = int(module.weight.shape[0])
+
+    def rows(self, start: int, stop: int):
+        r = _file_rows(self.loaded, self.name, start, stop)
+        return self.module.weight[start:stop] if r is None else r
+
+    def gather(self, ids: np.ndarray):
+        """Rows ``ids`` (sorted, unique), read a vocabulary chunk at a time."""
+        import mlx.core as mx
+
+        parts = []
+        for c0 in range(0, self.vocab, VOCAB_CHUNK):
+            c1 = min(self.vocab, c0 + VOCAB_CHUNK)
+            sel = ids[(ids >= c0) & (ids < c1)]
+            if sel.size:
+                part = self.rows(c0, c1)[mx.array(sel - c0)]
+                mx.eval(part)
+                parts.append(part)
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _chunked_logits(w: _VocabWeight, tied: bool, e, mode: str, dtype, hid, vranges):
+    """The logits of (normed) hidden rows ``hid`` (r, H), one vocabulary chunk of the head at a
+    time: the chunk's rows read, cast (and quantized) as the whole head's are, so every logit is
+    the same dot product as with the whole head."""
+    import mlx.core as mx
+
+    from dupstudio.core.replicate import embedding_from, head_from
+
+    parts = []
+    for c0, c1 in vranges:
+        rows = w.rows(c0, c1)
+        if tied:
+            part = embedding_from(rows, e, mode, dtype).as_linear(hid)
+        else:
+            part = head_from(rows, e, mode, dtype)(hid)
+        mx.eval(part)
+        parts.append(part)
+        del rows
+    return mx.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
 # --------------------------------------------------------------------------- evaluation
 def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str = "simulate",
                       reference: bool = False, batch_size: int = 4, spill="auto",
@@ -272,19 +366,23 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     computed block by block.
 
     ``source``: a model path/name (opened lazily here) or an already opened
-    :class:`LoadedModel` (ideally opened with ``lazy=True``). ``release``: drop the embedding
-    after the embed step and each block's float weights after use (swapped back for lazy reads
-    of the model's files, so the model stays usable; default: only when this function opened
-    the model). ``spill``: "auto" (memory-map the activations when they would take more than half
-    the available RAM), True or False."""
+    :class:`LoadedModel` (ideally opened with ``lazy=True``). The embedding and head are never
+    held whole: the embed step reads only the embedding rows of the windows' tokens, and the
+    head scores ``LOGIT_CHUNK_BYTES`` of logits at a time, reading the head ``VOCAB_CHUNK``
+    rows at a time (each in its stored dtype from the model's safetensors, cast and quantized
+    as the in-memory path casts and quantizes the whole). ``release``: drop each block's float
+    weights (and an evaluated embedding) after use (swapped back for lazy reads of the model's
+    files, so the model stays usable; default: only when this function opened the model).
+    ``spill``: "auto" (memory-map the activations when they would take more than half the
+    available RAM), True or False."""
     import mlx.core as mx
     from mlx_lm.models.base import create_attention_mask
 
-    from dupstudio.core.evaluate import EvalResult, bootstrap_ppl, score_logits
+    from dupstudio.core.evaluate import EvalResult, bootstrap_ppl, token_scores
     from dupstudio.core.model_io import (ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape,
                                          open_model)
-    from dupstudio.core.replicate import (MODES, ReplicatedBlock, block_tensors,
-                                          embedding_modules, make_replica_block)
+    from dupstudio.core.replicate import (MODES, ReplicatedBlock, block_tensors, embedding_from,
+                                          make_replica_block)
 
     progress, cancel = ensure(progress, cancel)
     if mode not in MODES:
@@ -311,37 +409,47 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     act_bytes = 2 * streams * n * T * H * np.dtype(np_dtype).itemsize
     if spill == "auto":
         spill = act_bytes > available_memory() // 2
+    e = cfg.embedding if cfg is not None else None
+    emb_w = _VocabWeight(loaded, "model.embed_tokens.weight", base.embed_tokens)
+    head_w = emb_w if tied else _VocabWeight(loaded, "lm_head.weight", loaded.model.lm_head)
+
+    def to_np(a):
+        return np.array(a.astype(mx.float32) if np_dtype is np.float32 else a)
+
     bufs = _Buffers((n, T, H), np_dtype, 2 * streams, bool(spill))
     try:
         cur, nxt = bufs.arrays[0], bufs.arrays[1]
         rcur, rnxt = (bufs.arrays[2], bufs.arrays[3]) if want_ref else (None, None)
-        if cfg is not None:
-            emb, head = embedding_modules(loaded, cfg, mode, dtype)
-        else:
-            emb, head = base.embed_tokens, (None if tied else loaded.model.lm_head)
+        # embed step: only the rows of the tokens present (quantization groups lie within a row)
+        ids, inv = np.unique(windows[:, :-1], return_inverse=True)
+        inv = inv.reshape(n, T)
+        rows = emb_w.gather(ids)
+        emb = embedding_from(rows, e, mode, dtype)
         batches = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
         mask = None
-        for s, e in batches:
+        for s, e_ in batches:
             cancel.check()
-            x = mx.array(windows[s:e, :-1])
+            x = mx.array(inv[s:e_])
             h = emb(x)
             if mask is None:
                 mask = create_attention_mask(h, None)
-            outs = [h] + ([base.embed_tokens(x)] if want_ref else [])
+            outs = [h] + ([rows[x]] if want_ref else [])
             mx.eval(outs)
-            cur[s:e] = np.array(outs[0].astype(mx.float32) if np_dtype is np.float32 else outs[0])
+            cur[s:e_] = to_np(outs[0])
             if want_ref:
-                rcur[s:e] = np.array(outs[1].astype(mx.float32) if np_dtype is np.float32 else outs[1])
-        if release:  # the embedding (and head) are read again for the last step
-            del emb, head
+                rcur[s:e_] = to_np(outs[1])
+        del emb, rows, h, outs
+        if release:  # (a caller's model may hold an evaluated embedding)
             release_weights(loaded, "model.embed_tokens")
             if not tied:
                 release_weights(loaded, "lm_head")
+        mx.clear_cache()
         nblocks = len(base.layers)
         steps = nblocks + 1
         for k in range(nblocks):
             cancel.check()
             layer = base.layers[k]
+            freed = False
             if cfg is not None:
                 fw = {m: getattr(layer.self_attn if m in ATTN_MATRICES else layer.mlp, m).weight
                       for m in MATRIX_NAMES}
@@ -350,57 +458,72 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
                 reps = [make_replica_block(args, bt, i, mode, dtype) for i in range(spec.replicas)]
                 blk = ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain)
                 mx.eval([r.parameters() for r in reps])
-                del bt, fw
+                del bt, fw, reps
+                if release and not want_ref:  # the float weights are not used again
+                    freed = release_weights(loaded, f"model.layers.{k}")
             else:
                 blk = layer
-            for s, e in batches:
+            for s, e_ in batches:
                 cancel.check()
-                h = mx.array(cur[s:e]).astype(dtype)
+                h = mx.array(cur[s:e_]).astype(dtype)
                 out = [blk(h, mask, None) if cfg is None else blk(h, mask)]
                 if want_ref:
-                    out.append(layer(mx.array(rcur[s:e]).astype(dtype), mask, None))
+                    out.append(layer(mx.array(rcur[s:e_]).astype(dtype), mask, None))
                 mx.eval(out)
-                nxt[s:e] = np.array(out[0].astype(mx.float32) if np_dtype is np.float32 else out[0])
+                nxt[s:e_] = to_np(out[0])
                 if want_ref:
-                    rnxt[s:e] = np.array(out[1].astype(mx.float32) if np_dtype is np.float32 else out[1])
+                    rnxt[s:e_] = to_np(out[1])
+                del h, out
             cur, nxt = nxt, cur
             if want_ref:
                 rcur, rnxt = rnxt, rcur
             del blk, layer
-            if release and not release_weights(loaded, f"model.layers.{k}"):
+            if release and not freed and not release_weights(loaded, f"model.layers.{k}"):
                 base.layers[k] = _Released()
+            mx.clear_cache()
             progress((k + 1) / steps, f"streamed block {k + 1}/{nblocks} over {n} windows")
-        # final norm + head, scored exactly as evaluate() does
-        if release:
-            if cfg is not None:
-                emb, head = embedding_modules(loaded, cfg, mode, dtype)
-            else:
-                emb, head = base.embed_tokens, (None if tied else loaded.model.lm_head)
+        # final norm + head, scored as evaluate() scores (same per-position values and sums),
+        # a chunk of rows at a time so that the logits of a whole batch are never all alive
         norm = base.norm
         if cfg is not None:
             import mlx.nn as nn
 
             norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
             norm.weight = base.norm.weight.astype(dtype)
-
-        def logits_of(hid, n_mod, e_mod, h_mod):
-            hid = n_mod(hid)
-            return e_mod.as_linear(hid) if h_mod is None else h_mod(hid)
-
         sums = np.zeros(n)
         kls, agree, count = 0.0, 0, 0
-        for s, e in batches:
+        for s, e_ in batches:
             cancel.check()
-            targets = mx.array(windows[s:e, 1:])
-            logits = logits_of(mx.array(cur[s:e]).astype(dtype), norm, emb, head)
-            rl = None
+            b = e_ - s
+            hid = cur[s:e_].reshape(b * T, H)
+            rhid = rcur[s:e_].reshape(b * T, H) if want_ref else None
+            tg = windows[s:e_, 1:].reshape(b * T)
+            rranges, vranges = _head_chunks(b * T, head_w.vocab, H)
+            nll, kl, ag = [], [], []
+            for r0, r1 in rranges:
+                lg = _chunked_logits(head_w, tied, e, mode, dtype,
+                                     norm(mx.array(hid[r0:r1]).astype(dtype)), vranges)
+                rl = None
+                if want_ref:
+                    rl = _chunked_logits(head_w, tied, None, mode, dtype,
+                                         base.norm(mx.array(rhid[r0:r1]).astype(dtype)), vranges)
+                got = [a for a in token_scores(lg, mx.array(tg[r0:r1]), rl) if a is not None]
+                mx.eval(got)
+                nll.append(got[0])
+                if want_ref:
+                    kl.append(got[1])
+                    ag.append(got[2])
+                del lg, rl, got
+            def cat(xs):
+                return mx.concatenate(xs) if len(xs) > 1 else xs[0]
+
+            nll_sum = cat(nll).reshape(b, T).sum(axis=1)
+            mx.eval(nll_sum)
+            sums[s:e_] = np.array(nll_sum)
             if want_ref:
-                rl = logits_of(mx.array(rcur[s:e]).astype(dtype), base.norm, base.embed_tokens,
-                               None if tied else loaded.model.lm_head)
-            sums[s:e], kl_sum, ag = score_logits(logits, targets, rl)
-            kls += kl_sum
-            agree += ag
-            count += targets.size
+                kls += float(cat(kl).reshape(b, T).sum())
+                agree += int(cat(ag).reshape(b, T).sum())
+            count += b * T
         progress(1.0, f"evaluated {n}/{n} windows (streamed)")
     finally:
         bufs.close()
@@ -416,13 +539,17 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
 
 
 # --------------------------------------------------------------------------- lazy weights
-def _weight_files(loaded) -> dict:
-    """Tensor name -> safetensors file of the model folder (headers only; cached)."""
+_ST_DTYPES = {"F32": (np.float32, None), "F16": (np.float16, None), "BF16": (np.uint16, "bfloat16")}
+
+
+def _weight_index(loaded) -> dict:
+    """Tensor name -> (safetensors file, dtype, shape, byte offset of its data) of the model
+    folder (headers only; cached)."""
     import json as _json
     import struct
 
     extra = getattr(loaded, "extra", None)
-    idx = extra.get("_weight_files") if isinstance(extra, dict) else None
+    idx = extra.get("_weight_index") if isinstance(extra, dict) else None
     if idx is not None:
         return idx
     idx = {}
@@ -435,10 +562,57 @@ def _weight_files(loaded) -> dict:
                     header = _json.loads(fh.read(n))
             except (OSError, ValueError, struct.error):
                 continue
-            idx.update({k: f for k in header if k != "__metadata__"})
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                try:
+                    idx[k] = (f, v.get("dtype"), tuple(v.get("shape", ())),
+                              8 + n + int(v["data_offsets"][0]))
+                except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+                    idx[k] = (f, None, (), None)
     if isinstance(extra, dict):
-        extra["_weight_files"] = idx
+        extra["_weight_index"] = idx
     return idx
+
+
+def _weight_files(loaded) -> dict:
+    """Tensor name -> safetensors file of the model folder (headers only; cached)."""
+    extra = getattr(loaded, "extra", None)
+    files = extra.get("_weight_files") if isinstance(extra, dict) else None
+    if files is None:
+        files = {k: v[0] for k, v in _weight_index(loaded).items()}
+        if isinstance(extra, dict):
+            extra["_weight_files"] = files
+    return files
+
+
+def _file_rows(loaded, name: str, start: int, stop: int):
+    """Rows [start, stop) of the 2-D float tensor ``name`` read from the model's safetensors
+    (only those bytes), cast as :func:`open_model` casts; None when the files do not hold it
+    as a float tensor."""
+    import mlx.core as mx
+
+    info = _weight_index(loaded).get(name)
+    if info is None or info[1] not in _ST_DTYPES or len(info[2]) != 2 or info[3] is None:
+        return None
+    f, dt, (nrows, cols), begin = info
+    start, stop = max(0, start), min(nrows, stop)
+    np_dt, view = _ST_DTYPES[dt]
+    size = np.dtype(np_dt).itemsize
+    try:
+        with open(f, "rb") as fh:
+            fh.seek(begin + start * cols * size)
+            a = np.fromfile(fh, dtype=np.dtype(np_dt).newbyteorder("<"),
+                            count=(stop - start) * cols)
+    except OSError:
+        return None
+    if a.size != (stop - start) * cols:
+        return None
+    arr = mx.array(a.reshape(stop - start, cols))
+    del a
+    if view:
+        arr = arr.view(getattr(mx, view))
+    return arr.astype(getattr(loaded, "dtype", None) or mx.float32)
 
 
 def lazy_tensors(loaded, names) -> dict:

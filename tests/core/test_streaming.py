@@ -51,6 +51,49 @@ def test_streaming_an_open_model_leaves_it_usable(tiny_loaded, windows):
     _same(before, evaluate(tiny_loaded.model, windows))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_streamed_head_in_chunks_equals_in_memory_exactly(tmp_path, monkeypatch, tied):
+    """The embed step gathers rows and the head scores rows and vocabulary chunks read from the
+    files: the same values, bit for bit, as the in-memory model's whole-batch logits."""
+    from dupstudio.core import streaming as S
+    from dupstudio.core.model_io import open_model
+    from dupstudio.core.testing import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path / "m", hidden=512, layers=2, tied=tied)
+    loaded = open_model(d)
+    w = make_windows(tokenize(loaded.tokenizer, tiny_text(12000)), 48, 5)
+    shape = model_shape(loaded.config)
+    monkeypatch.setattr(S, "VOCAB_CHUNK", 128)
+    monkeypatch.setattr(S, "LOGIT_CHUNK_BYTES", 47 * 4 * shape["vocab_size"])
+    monkeypatch.setattr(S, "_MIN_GEMM", 1 << 21)
+    rows, vocab = S._head_chunks(2 * 47, shape["vocab_size"], shape["hidden_size"])
+    assert len(rows) > 1 and len(vocab) > 1
+    c = C.new_config(shape, replicas=2, layers=[0], init="gamma")
+    cq = c.copy()
+    cq.embedding.bits, cq.embedding.group_size = 4, 64
+    for cfg in (None, c, cq):
+        ref = cfg is not None
+        a = evaluate(loaded.model if cfg is None else build(loaded, cfg, "simulate"), w,
+                     reference=loaded.model if ref else None, batch_size=2)
+        b = evaluate_streamed(d, cfg, w, reference=ref, batch_size=2)
+        assert a.window_nll == b.window_nll
+        assert (a.kl, a.top1_agreement) == (b.kl, b.top1_agreement)
+
+
+def test_head_chunks_cover_and_stay_large():
+    from dupstudio.core import streaming as S
+
+    for rows, vocab, hidden in [(508, 49152, 2048), (94, 384, 256), (20000, 151936, 896),
+                                (1, 49152, 64), (3, 100, 8)]:
+        rr, vr = S._head_chunks(rows, vocab, hidden)
+        for ranges, n in ((rr, rows), (vr, vocab)):
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        if len(rr) > 1 or len(vr) > 1:
+            assert min(b - a for a, b in rr) * min(b - a for a, b in vr) * hidden >= S._MIN_GEMM
+            assert min(b - a for a, b in vr) >= 64
+
+
 def test_estimates_streamed_below_in_memory_for_a_large_model(cfg):
     big = {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 24,
            "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 32,
