@@ -752,6 +752,17 @@ def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> 
     elif job.kind == "mlx-lm":
         name, model, info = mlx_lm_model(ctx.loaded, ctx.cal, job.method, bits=job.bits, group_size=job.group_size,
                                          **ctx.mlx_lm_kwargs)
+        if model is not None:
+            import mlx.core as mx
+
+            if mx.default_device() == mx.cpu:
+                # MLX's CPU quantized matmul runs at ~2 GFLOP/s (an evaluation of 16×512 tokens
+                # would take ~20 min): score the same weights dequantized ("fake quant")
+                from mlx_lm.utils import dequantize_model
+
+                model = dequantize_model(model)
+                mx.eval(model.parameters())
+                info["note"] += "; evaluated dequantized (CPU)"
         met = ctx.evaluate(model, cancel) if model is not None else {k: math.nan for k in
                                                                      ("ppl", "ppl_lo", "ppl_hi", "kl", "top1")}
         u, emb = info["latency_uniform"], info["embedding_bits"]

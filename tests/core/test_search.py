@@ -119,3 +119,23 @@ def test_sweep_reuses_identical_calibrations_and_evaluations(tiny_loaded, data):
     a, b = df.iloc[0], df.iloc[1]
     assert df.attrs["calibration_cache_hits"] == 1 and df.attrs["evaluation_cache_hits"] == 1
     assert a["ppl"] == b["ppl"] and a["kl"] == b["kl"] and a["bits_per_weight"] == b["bits_per_weight"] == 2.5
+
+
+def test_mlx_lm_rows_are_scored_dequantized_on_cpu(tiny_loaded, data):
+    """On the CPU backend an mlx-lm baseline is evaluated with its weights dequantized: the same
+    perplexity as its packed model (to float tolerance), at float matmul speed."""
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    from dupstudio.core.evaluate import evaluate
+
+    cal, ev, st = data
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the dequantized path is the CPU backend's")
+    job = S.SweepJob("", "mlx-lm", method="plain", bits=2, group_size=64)
+    ctx = S.SweepContext(tiny_loaded, cal, ev, settings=st)
+    row, _ = S.run_job(ctx, job)
+    assert "dequantized" in row["note"] and row["bits_per_weight"] == 2.5
+    _, packed, _ = S.mlx_lm_model(tiny_loaded, cal, "plain", bits=2, group_size=64)
+    want = evaluate(packed, ev, reference=tiny_loaded.model)
+    assert row["ppl"] == pytest.approx(want.ppl, rel=1e-4) and row["kl"] == pytest.approx(want.kl, rel=1e-3)
