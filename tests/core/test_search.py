@@ -125,7 +125,6 @@ def test_mlx_lm_rows_are_scored_dequantized_on_cpu(tiny_loaded, data):
     """On the CPU backend an mlx-lm baseline is evaluated with its weights dequantized: the same
     perplexity as its packed model (to float tolerance), at float matmul speed."""
     import mlx.core as mx
-    from mlx_lm.utils import dequantize_model
 
     from dupstudio.core.evaluate import evaluate
 
