@@ -404,26 +404,12 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
             continue
         done = _load_checkpoint(ck, k, settings, cfg) if ck else None
         if done is not None:
-            t, gains, beta, rec = done
-            out.tensors.update(t)
-            out.blocks[k].gains, out.blocks[k].residual_gain, out.blocks[k].calibration = gains, beta, rec
-            results.append(BlockResult(k, rec["loss_before"], rec["loss_after"], rec["accepted"],
-                                       rec["seconds"], rec["steps"], rec["method"]))
+            _restore_block(out, k, done, results)
             progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
         else:
             res, t, gains, beta = _calibrate_block(loaded, out, k, lin[k], layer, x_q, y, mask,
                                                    settings, rng, progress, cancel, on_loss, n_blocks)
-            results.append(res)
-            rec = asdict(res)
-            rec.pop("curve")
-            rec["settings"] = settings.key()
-            if res.accepted:
-                out.tensors.update(t)
-                out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
-            out.blocks[k].calibration = rec
-            if ck:
-                _save_checkpoint(ck, k, settings, t if res.accepted else {},
-                                 out.blocks[k].gains, out.blocks[k].residual_gain, rec)
+            _record_block(out, k, res, t, gains, beta, settings, ck, results)
         # advance the activations
         progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
                  f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s)")
@@ -447,6 +433,31 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
     }
     out.provenance["calibration"].pop("text_sha256", None)
     return out
+
+
+def _restore_block(out, k, done, results) -> None:
+    """Put a checkpointed block ``(tensors, gains, beta, record)`` into ``out`` and ``results``."""
+    t, gains, beta, rec = done
+    out.tensors.update(t)
+    out.blocks[k].gains, out.blocks[k].residual_gain, out.blocks[k].calibration = gains, beta, rec
+    results.append(BlockResult(k, rec["loss_before"], rec["loss_after"], rec["accepted"],
+                               rec["seconds"], rec["steps"], rec["method"]))
+
+
+def _record_block(out, k, res, t, gains, beta, settings, ck, results) -> None:
+    """Keep a calibrated block's result: its tensors and gains only if accepted (never worse),
+    its record always, and its checkpoint when ``ck`` is a folder."""
+    results.append(res)
+    rec = asdict(res)
+    rec.pop("curve")
+    rec["settings"] = settings.key()
+    if res.accepted:
+        out.tensors.update(t)
+        out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
+    out.blocks[k].calibration = rec
+    if ck:
+        _save_checkpoint(ck, k, settings, t if res.accepted else {},
+                         out.blocks[k].gains, out.blocks[k].residual_gain, rec)
 
 
 def _apply_current(loaded, cfg, k, x, mask, bs):

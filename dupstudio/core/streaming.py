@@ -943,15 +943,9 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
                 continue
             done = CB._load_checkpoint(ck, k, settings, cfg) if ck else None
             if done is not None:
-                t, gains, beta, rec = done  # (t: lazy reads of the checkpoint file)
-                out.tensors.update(t)
-                if t:
-                    on_disk[k] = list(t)
-                out.blocks[k].gains, out.blocks[k].residual_gain, out.blocks[k].calibration = \
-                    gains, beta, rec
-                results.append(CB.BlockResult(k, rec["loss_before"], rec["loss_after"],
-                                              rec["accepted"], rec["seconds"], rec["steps"],
-                                              rec["method"]))
+                CB._restore_block(out, k, done, results)  # (tensors: lazy reads of the checkpoint file)
+                if done[0]:
+                    on_disk[k] = list(done[0])
                 progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
             else:
                 xq_m, y_m = acts.whole(x_q), acts.whole(y)
@@ -959,17 +953,8 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
                                                           mask, settings, rng, progress, cancel,
                                                           on_loss, n_blocks)
                 del xq_m, y_m
-                results.append(res)
-                rec = asdict(res)
-                rec.pop("curve")
-                rec["settings"] = settings.key()
-                if res.accepted:
-                    out.tensors.update(t)
-                    out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
-                out.blocks[k].calibration = rec
+                CB._record_block(out, k, res, t, gains, beta, settings, ck, results)
                 if ck:
-                    CB._save_checkpoint(ck, k, settings, t if res.accepted else {},
-                                        out.blocks[k].gains, out.blocks[k].residual_gain, rec)
                     if res.accepted:
                         on_disk[k] = list(t)
                         to_disk(k)
