@@ -285,15 +285,7 @@ class _RankProgress:
 def run(args) -> int:
     from dupstudio.core import distributed as D
 
-    dist = D.init()  # a single process unless started by mlx.launch
-    if dist.size <= 1:
-        return _run(args, dist)
-    try:
-        return _run(args, dist)
-    except SystemExit:
-        raise
-    except Exception as e:  # one rank's error ends the run with its rank named
-        dist.fail(f"{type(e).__name__}: {' '.join(str(e).split())}", 2)
+    return D.run_ranked(_run, args)
 
 
 def _run(args, dist) -> int:

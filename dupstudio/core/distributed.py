@@ -71,6 +71,20 @@ class Dist:
         os._exit(code)
 
 
+def run_ranked(fn, args) -> int:
+    """``fn(args, dist)`` in this process's rank (a single process unless started by
+    mlx.launch). Under mlx.launch an error ends the run with ``rank N: ...`` naming this rank."""
+    dist = init()
+    if dist.size <= 1:
+        return fn(args, dist)
+    try:
+        return fn(args, dist)
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - one rank's error ends the run with its rank named
+        dist.fail(f"{type(e).__name__}: {' '.join(str(e).split())}", 2)
+
+
 def init(backend: str = "any", *, force: bool = False) -> Dist:
     """Join the distributed group if launched by ``mlx.launch``; else a single process.
 
