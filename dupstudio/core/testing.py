@@ -107,3 +107,16 @@ def tiny_text(n_chars: int = 20000, seed: int = 0) -> str:
         out.append(w)
         size += len(w) + 1
     return " ".join(out)
+
+
+def free_port_block(n: int = 4) -> int:
+    """A localhost port whose next ``n`` ports are in range (first ring port for mlx.launch tests)."""
+    import socket
+
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + n < 65535:
+            return port
+    return 40000

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dupstudio.core.testing import free_port_block
+
 from dupstudio.core.distributed import shard
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
@@ -23,14 +25,6 @@ def test_shards_cover_every_window_once():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
-def _free_port_block(n=4):
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + n < 65535:
-            return port
-    return 40000
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def _eval_args(d):
 
 def _launch(d, *extra_env, n=2, timeout=60):
     launcher = str(LAUNCH) if LAUNCH.exists() else shutil.which("mlx.launch")
-    cmd = [launcher, "-n", str(n), "--backend", "ring", "-p", str(_free_port_block()),
+    cmd = [launcher, "-n", str(n), "--backend", "ring", "-p", str(free_port_block()),
            "--python", sys.executable]
     for e in extra_env:
         cmd += ["--env", e]

@@ -2,7 +2,6 @@
 ``mlx.launch -n 2 --backend ring`` on localhost against one process (tiny model, fast settings)."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pandas as pd
 import pytest
 
 from dupstudio.core.distributed import lpt_assign
+from dupstudio.core.testing import free_port_block
 
 LAUNCH = Path(sys.executable).with_name("mlx.launch")
 
@@ -73,14 +73,6 @@ def test_single_rank_journal_equals_sweep_and_is_reused(tiny_loaded, tmp_path, c
 
 
 # --------------------------------------------------------------------------- mlx.launch -n 2
-def _free_port_block(n=4):
-    for _ in range(20):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + n < 65535:
-            return port
-    return 40000
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +101,7 @@ def _env(home):
 
 def _launch(args, home, *extra_env, timeout=90):
     launcher = str(LAUNCH) if LAUNCH.exists() else shutil.which("mlx.launch")
-    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(_free_port_block()), "--python", sys.executable]
+    cmd = [launcher, "-n", "2", "--backend", "ring", "-p", str(free_port_block()), "--python", sys.executable]
     for e in extra_env:
         cmd += ["--env", e]
     out = subprocess.run(cmd + ["--", *args], capture_output=True, text=True, timeout=timeout, env=_env(home))
