@@ -71,6 +71,20 @@ def default_settings() -> QSettings:
     return QSettings(ORGANIZATION, APPLICATION)
 
 
+def _finish_form(dialog, form, note: str, ok_text: str) -> None:
+    """A settings dialog's tail: an optional grey note, then OK (named ``ok_text``) and Cancel."""
+    if note:
+        lab = QLabel(note)
+        lab.setWordWrap(True)
+        lab.setStyleSheet("QLabel { color: #666; }")
+        form.addRow(lab)
+    bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+    bb.button(QDialogButtonBox.Ok).setText(ok_text)
+    bb.accepted.connect(dialog.accept)
+    bb.rejected.connect(dialog.reject)
+    form.addRow(bb)
+
+
 class NewConfigDialog(QDialog):
     def __init__(self, shape: dict, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
@@ -143,16 +157,7 @@ class SearchDialog(QDialog):
         form.addRow("Size budget", self.budget)
         form.addRow("Latency budget", self.latency)
         form.addRow("Calibration text", self.text)
-        if note:
-            lab = QLabel(note)
-            lab.setWordWrap(True)
-            lab.setStyleSheet("QLabel { color: #666; }")
-            form.addRow(lab)
-        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        bb.button(QDialogButtonBox.Ok).setText("Search")
-        bb.accepted.connect(self.accept)
-        bb.rejected.connect(self.reject)
-        form.addRow(bb)
+        _finish_form(self, form, note, "Search")
 
     def values(self) -> dict:
         lat = self.latency.value()
@@ -189,16 +194,7 @@ class SensitivityDialog(QDialog):
         form.addRow("", self.replica)
         form.addRow("Second replica mode", self.mode)
         form.addRow("KL windows", self.kl_windows)
-        if note:
-            lab = QLabel(note)
-            lab.setWordWrap(True)
-            lab.setStyleSheet("QLabel { color: #666; }")
-            form.addRow(lab)
-        bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        bb.button(QDialogButtonBox.Ok).setText("Measure")
-        bb.accepted.connect(self.accept)
-        bb.rejected.connect(self.reject)
-        form.addRow(bb)
+        _finish_form(self, form, note, "Measure")
 
     def values(self) -> dict:
         return {"text": self.text.path(), "blocks": self.blocks.text().strip() or None,
