@@ -409,13 +409,19 @@ class BlockPlan:
     both run K passes). ``replica_param_values``: 16-bit values each additional replica stores for
     the whole block (may be fractional: an average over replicas that differ, see
     :func:`plans_from_config`); 0 = a full set of per-group scales and biases for every matrix (for
-    float blocks: nothing)."""
+    float blocks: nothing). ``matrix_bits``: per-matrix bits overriding ``bits`` for the named
+    linears (e.g. mlx-lm's mixed recipes keep some ``v_proj`` / ``down_proj`` at 6 bits); all at
+    the block's ``group_size``."""
 
     bits: int = 16
     group_size: int = 64
     replicas: int = 1
     mode: str = "serial"
     replica_param_values: float = 0
+    matrix_bits: Optional[dict] = None
+
+    def bits_of(self, matrix: str) -> int:
+        return int((self.matrix_bits or {}).get(matrix, self.bits))
 
     @property
     def quantized(self) -> bool:
@@ -432,6 +438,14 @@ class BlockPlan:
             raise DupstudioError(f"{where}: mode must be 'serial' or 'parallel'")
         if self.replica_param_values < 0:
             raise DupstudioError(f"{where}: replica_param_values must be >= 0")
+        if self.matrix_bits:
+            known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+            for name, b in self.matrix_bits.items():
+                if name not in known:
+                    raise DupstudioError(f"{where}: matrix_bits names an unknown linear {name!r}")
+                if int(b) not in QUANT_BITS or not self.quantized:
+                    raise DupstudioError(f"{where}: matrix_bits must be quantized bits {QUANT_BITS} "
+                                         f"of a quantized block ({name}: {b})")
         if shape is not None and self.quantized:
             for name, (_, n_in) in block_matrices(shape).items():
                 if n_in % self.group_size:
@@ -754,7 +768,13 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
 
     for k, p in enumerate(plans):
         K = int(p.replicas)
-        code_b, sb_b = matrix_bytes(n_lin, p.bits, p.group_size)
+        if p.matrix_bits:
+            parts = [(p.bits_of(m), o * i) for m, (o, i) in mats.items()]
+            code_b = sum(matrix_bytes(n, b, p.group_size)[0] for b, n in parts)
+            sb_b = sum(matrix_bytes(n, b, p.group_size)[1] for b, n in parts)
+        else:
+            parts = [(p.bits, n_lin)]
+            code_b, sb_b = matrix_bytes(n_lin, p.bits, p.group_size)
         norm_b = 2 * h * NORM_BYTES
         shared = code_b + norm_b
         weight_b = shared + sb_b
@@ -780,12 +800,15 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
         kv_write_dec = K * kv_row
         kv_read_pre = K * sum(chunk_ends) * kv_row
         kv_write_pre = K * P * kv_row
-        lin_peak = prof.quantized_tflops(p.bits, "decode") if p.quantized else float_peak
-        lin_peak_pre = prof.quantized_tflops(p.bits, "prefill") if p.quantized else float_peak_pre
         fl_lin_dec = K * 2 * n_lin
         fl_att_dec = K * 4 * H * hd * (context + 1)
-        fl_dec = [(lin_peak, fl_lin_dec), (float_peak, fl_att_dec)]
-        fl_pre = [(lin_peak_pre, K * 2 * n_lin * P), (float_peak_pre, K * 4 * H * hd * (P * (P + 1) // 2))]
+        if p.quantized:  # one (peak, FLOPs) term per bit width present in the block
+            fl_dec = [(prof.quantized_tflops(b, "decode"), K * 2 * n) for b, n in parts]
+            fl_pre = [(prof.quantized_tflops(b, "prefill"), K * 2 * n * P) for b, n in parts]
+        else:
+            fl_dec, fl_pre = [(float_peak, fl_lin_dec)], [(float_peak_pre, K * 2 * n_lin * P)]
+        fl_dec = fl_dec + [(float_peak, fl_att_dec)]
+        fl_pre = fl_pre + [(float_peak_pre, K * 4 * H * hd * (P * (P + 1) // 2))]
         dram = {}
         for a in ASSUMPTIONS:
             weights = code_b * mult[a] + sb_b + rep_b  # codes, scales/biases, replica parameters

@@ -136,14 +136,56 @@ def predicted_latency_ms(cfg, shape, profile="apple-m1-pro", *, fp: bool = False
     return float(res.decode[LATENCY_ASSUMPTION].predicted_ms)
 
 
-def _predicted_uniform_ms(shape, profile, bits, group_size, embed_bits) -> float:
+def mlx_lm_plans(model, shape, float_bits: int = 16):
+    """Roofline plans (blocks, embedding, head) of an mlx-lm model as it is quantized: per block
+    the bits and group size of its linears (per-matrix bits where they differ, as in the mixed
+    recipes), the embedding's and the head's bits (float modules at ``float_bits``)."""
+    import mlx.nn as nn
+
+    from dupstudio.core import roofline as RF
+
+    def bits_group(m):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return int(m.bits), int(m.group_size)
+        return int(float_bits), 64
+
+    names = tuple(RF.block_matrices(shape))
+    plans = []
+    for k, layer in enumerate(model.layers):
+        mods = dict(layer.named_modules())
+        got = {}
+        for path, m in mods.items():
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf in names and isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+                got[leaf] = bits_group(m)
+        if set(got) != set(names):
+            raise DupstudioError(f"mlx-lm model block {k}: linears {sorted(got)} do not match the llama "
+                                 f"shape's {sorted(names)}")
+        groups = {g for b, g in got.values() if b < 16}
+        bits = [b for b, _ in got.values()]
+        if len(groups) > 1 or (min(bits) < 16 <= max(bits)):
+            raise DupstudioError(f"mlx-lm model block {k}: mixed group sizes or float and quantized "
+                                 "linears in one block are not described by the roofline")
+        low = min(bits)
+        g = groups.pop() if groups else 64
+        mb = {n: b for n, (b, _) in got.items() if b != low} or None
+        plans.append(RF.BlockPlan(bits=low, group_size=g, matrix_bits=mb))
+    eb, eg = bits_group(model.model.embed_tokens)
+    embed = RF.EmbedPlan(bits=eb, group_size=eg)
+    head = None
+    if getattr(model, "lm_head", None) is not None and not shape["tied_embeddings"]:
+        hb, hg = bits_group(model.lm_head)
+        head = RF.EmbedPlan(bits=hb, group_size=hg)
+    return plans, embed, head
+
+
+def _predicted_plans_ms(shape, profile, plans, embed, head=None) -> float:
     from dupstudio.core import roofline as RF
     from dupstudio.core.bench import decode_context
 
     prof = RF.get_profile(profile) if isinstance(profile, str) else profile
-    res = RF.predict(shape, RF.uniform_plan(shape, bits=bits, group_size=group_size), prof,
-                     embed=RF.EmbedPlan(bits=embed_bits, group_size=group_size if embed_bits < 16 else 64),
-                     context=decode_context(128, 64), prefill_tokens=128, kv_bytes=2)
+    res = RF.predict(shape, plans, prof, embed=embed, head=head, context=decode_context(128, 64),
+                     prefill_tokens=128, kv_bytes=2)
     return float(res.decode[LATENCY_ASSUMPTION].predicted_ms)
 
 
@@ -485,8 +527,8 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
     """(name, model or None, info) of one of mlx-lm's own quantizations of the loaded float model.
 
     ``info``: ``embedding_bits``, ``bits_per_weight`` (block linears), ``note``, ``seconds``,
-    ``latency_uniform`` (bits, group) when a uniform roofline plan describes it, ``log`` (the tail
-    of what mlx-lm printed)."""
+    ``plans`` (the roofline plans of the quantized model, :func:`mlx_lm_plans`, or None), ``log``
+    (the tail of what mlx-lm printed)."""
     import contextlib
     import io
 
@@ -495,7 +537,7 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
 
     t0 = time.perf_counter()
     buf = io.StringIO()
-    model, emb_bits, uniform, note = None, None, None, ""
+    model, emb_bits, note = None, None, ""
     if method == "plain":
         name = f"mlx-lm {bits}-bit g{group_size}"
     elif method.startswith("mixed_"):
@@ -507,7 +549,7 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
             if method == "plain":
                 model = _fresh_mlx_lm(loaded)
                 nn.quantize(model, group_size=group_size, bits=bits)
-                emb_bits, uniform = bits, (bits, group_size)
+                emb_bits = bits
                 note = "mlx_lm.convert-equivalent (nn.quantize; embedding/head quantized too)"
             elif method.startswith("mixed_"):
                 from mlx_lm.convert import mixed_quant_predicate_builder
@@ -521,7 +563,7 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
                 nn.quantize(model, group_size=group_size, bits=bits, class_predicate=cls_pred)
                 emb_bits = getattr(model.model.embed_tokens, "bits", None)
                 note = (f"mlx_lm.convert --quant-predicate {method} (some v_proj/down_proj and lm_head at "
-                        "high bits; latency not predicted: per-matrix bits)")
+                        "high bits)")
             elif method == "gptq":
                 from mlx_lm.quant.gptq import gptq_quantize
 
@@ -530,7 +572,6 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
                 model, _ = gptq_quantize(model, mx.array(np.asarray(cal_tokens)), bits, group_size, 8,
                                          group_size, batch_size=4)
                 model.model.embed_tokens = emb  # keep the float embedding (its fallback would quantize it)
-                uniform = (bits, group_size)
                 note = ("mlx_lm.quant.gptq.gptq_quantize on the local calibration tokens (its CLI's "
                         "load_data downloads a calibration text; the function takes tokens); embedding float")
             elif method == "awq":
@@ -545,7 +586,6 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
                 awq_quantize(model, mx.array(toks), AWQ_MODEL_CONFIGS[mt], group_size=group_size, bits=bits,
                              embed_group_size=group_size, embed_bits=8, n_grid=awq_grid)
                 model.model.embed_tokens = emb
-                uniform = (bits, group_size)
                 note = (f"mlx_lm.quant.awq.awq_quantize on {len(toks)} local calibration sequences, n_grid "
                         f"{awq_grid} (reduced: ~1 min/block on 2 cores at 32 sequences, n_grid 10); its CLI's "
                         "load_data downloads a calibration text; embedding float")
@@ -560,9 +600,12 @@ def mlx_lm_model(loaded, cal_tokens, method: str, *, bits: int = 2, group_size: 
                 mx.eval(model.parameters())
     except Exception as e:  # noqa: BLE001 - a failed baseline is a row that says why
         model, note = None, f"failed: {type(e).__name__}: {e}"
+    plans = None
+    if model is not None:
+        plans = mlx_lm_plans(model, _shape(loaded))
     info = {"embedding_bits": emb_bits, "note": note, "seconds": time.perf_counter() - t0,
             "bits_per_weight": mlx_block_bpw(model) if model is not None else math.nan,
-            "latency_uniform": uniform, "log": buf.getvalue()[-2000:]}
+            "plans": plans, "log": buf.getvalue()[-2000:]}
     return name, model, info
 
 
@@ -765,9 +808,8 @@ def run_job(ctx: SweepContext, job: SweepJob, *, progress=None, cancel=None) -> 
                 info["note"] += "; evaluated dequantized (CPU)"
         met = ctx.evaluate(model, cancel) if model is not None else {k: math.nan for k in
                                                                      ("ppl", "ppl_lo", "ppl_hi", "kl", "top1")}
-        u, emb = info["latency_uniform"], info["embedding_bits"]
-        lat = (_predicted_uniform_ms(shape, profile, u[0], u[1], emb if emb else 16)
-               if u and model is not None else math.nan)
+        emb = info["embedding_bits"]
+        lat = _predicted_plans_ms(shape, profile, *info["plans"]) if info["plans"] else math.nan
         row = {"name": name, "source": "mlx-lm", "bits_per_weight": info["bits_per_weight"],
                "embedding_bits": emb, **met, "latency_ms": lat, "note": info["note"]}
         cfg = None

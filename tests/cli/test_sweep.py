@@ -31,6 +31,8 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
         assert col in df.columns
     ours = df[df["source"] == "dupstudio"]
     assert ours["ppl"].map(math.isfinite).all() and ours["latency_ms"].map(math.isfinite).all()
+    ran = df[(df["source"] == "mlx-lm") & df["ppl"].notna()]  # mixed_2_6 included (per-matrix bits)
+    assert len(ran) == 3 and ran["latency_ms"].map(math.isfinite).all()
     # an mlx-lm method that cannot run offline is a row with its reason
     dwq = df[df["name"].str.contains("DWQ")].iloc[0]
     assert math.isnan(dwq["ppl"]) and "hub" in dwq["note"]

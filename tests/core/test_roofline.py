@@ -192,6 +192,35 @@ def test_fits_in_cache_and_default_ratio(m1pro):
     assert f.blocks[0].second_pass_ratio == 0.1
 
 
+def test_per_matrix_bits_hand_count(m1pro):
+    """A block with v_proj and down_proj at 6 bits, the rest at 2 (mlx-lm's mixed_2_6 pattern)."""
+    plan = BlockPlan(2, 64, matrix_bits={"v_proj": 6, "down_proj": 6})
+    r = predict(TINY, plan, m1pro, context=CONTEXT, prefill_tokens=0)
+    six = 32_768 + 131_072  # v_proj + down_proj weights
+    two = LINEAR - six
+    codes = two * 2 // 8 + six * 6 // 8  # 106,496 + 122,880 = 229,376 B
+    assert codes == 229_376
+    b = r.blocks[0]
+    assert (b.code_bytes, b.scale_bias_bytes) == (codes, SCALES_G64)  # same groups, same fp16 pairs
+    e = r.decode["dram"]
+    assert e.quantized_bytes == 3 * (codes + SCALES_G64)
+    assert e.flops == 3 * BLOCK_FLOPS + HEAD_FLOPS
+    comp_s = 3 * 2 * two / (m1pro.quantized_tflops(2, "decode") * 1e12) + \
+        3 * 2 * six / (m1pro.quantized_tflops(6, "decode") * 1e12) + (3 * 4 * 4 * 64 * 11 + HEAD_FLOPS) / 5.2e12
+    assert e.compute_ms == pytest.approx(comp_s * 1e3)
+    assert r.bits_per_weight == pytest.approx(8 * (codes + SCALES_G64) / LINEAR)
+    # every matrix named at the block's own bits is the plain plan, exactly
+    same = BlockPlan(2, 64, matrix_bits={m: 2 for m in ("q_proj", "down_proj")})
+    a = predict(TINY, same, m1pro, context=CONTEXT, prefill_tokens=0)
+    p = predict(TINY, BlockPlan(2, 64), m1pro, context=CONTEXT, prefill_tokens=0)
+    assert a.decode["measured"].predicted_ms == p.decode["measured"].predicted_ms
+    assert a.prefill["measured"].predicted_ms == p.prefill["measured"].predicted_ms
+    with pytest.raises(DupstudioError, match="unknown linear"):
+        predict(TINY, BlockPlan(2, 64, matrix_bits={"wq": 6}), m1pro)
+    with pytest.raises(DupstudioError, match="matrix_bits"):
+        predict(TINY, BlockPlan(16, 64, matrix_bits={"v_proj": 6}), m1pro)
+
+
 def test_validation_errors(m1pro):
     smol = preset_shape("smollm2-135m")
     with pytest.raises(DupstudioError, match="does not divide"):

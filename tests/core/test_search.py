@@ -138,3 +138,34 @@ def test_mlx_lm_rows_are_scored_dequantized_on_cpu(tiny_loaded, data):
     _, packed, _ = S.mlx_lm_model(tiny_loaded, cal, "plain", bits=2, group_size=64)
     want = evaluate(packed, ev, reference=tiny_loaded.model)
     assert row["ppl"] == pytest.approx(want.ppl, rel=1e-4) and row["kl"] == pytest.approx(want.kl, rel=1e-3)
+
+
+def test_mlx_lm_plans_follow_the_quantized_modules(tiny_loaded, data):
+    """The roofline plans of mlx-lm models: plain 2-bit g64 is the uniform plan (2-bit embedding);
+    mixed_2_6 names its 6-bit linears per block; GPTQ keeps a float embedding."""
+    from dupstudio.core import roofline as RF
+
+    cal, _, _ = data
+    shape = S._shape(tiny_loaded)
+    _, plain, info = S.mlx_lm_model(tiny_loaded, cal, "plain", bits=2, group_size=64)
+    plans, embed, head = info["plans"]
+    assert [(p.bits, p.group_size, p.matrix_bits) for p in plans] == [(2, 64, None)] * shape["num_blocks"]
+    assert (embed.bits, embed.group_size, head) == (2, 64, None)
+    _, mixed, info = S.mlx_lm_model(tiny_loaded, cal, "mixed_2_6", bits=2, group_size=64)
+    plans, embed, _ = info["plans"]
+    for k, (p, layer) in enumerate(zip(plans, mixed.layers)):
+        want = {n: m.bits for n, m in (("v_proj", layer.self_attn.v_proj), ("down_proj", layer.mlp.down_proj))
+                if m.bits != 2}
+        assert p.bits == 2 and (p.matrix_bits or {}) == want, k
+    assert any(p.matrix_bits for p in plans)  # the tiny model's first and last blocks take 6 bits
+    # its predicted latency lies between uniform 2-bit and uniform 6-bit plans with the same embedding
+    ms = S._predicted_plans_ms(shape, "apple-m1-pro", plans, embed)
+    lo = S._predicted_plans_ms(shape, "apple-m1-pro", RF.uniform_plan(shape, 2, 64), embed)
+    hi = S._predicted_plans_ms(shape, "apple-m1-pro", RF.uniform_plan(shape, 6, 64), embed)
+    assert lo < ms < hi
+    # and the bits/weight of the row agrees with the roofline's storage count
+    res = RF.predict(shape, plans, "apple-m1-pro", embed=embed)
+    assert res.bits_per_weight == pytest.approx(info["bits_per_weight"])
+    _, _, info = S.mlx_lm_model(tiny_loaded, cal, "gptq", bits=2, group_size=32)
+    plans, embed, _ = info["plans"]
+    assert {(p.bits, p.group_size) for p in plans} == {(2, 32)} and embed.bits == 16
