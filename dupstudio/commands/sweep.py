@@ -99,7 +99,7 @@ def label_offsets(dd, x: str) -> dict:
 
 def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) -> list:
     """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
-    matplotlib if installed, else pyqtgraph's offscreen ImageExporter. Returns the written paths."""
+    matplotlib if installed, else pyqtgraph rendered offscreen. Returns the written paths."""
     from dupstudio.core.search import pareto_front
 
     d = df[df["ppl"].notna() & (df["ppl"] > 0)].copy()
@@ -154,7 +154,6 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import numpy as np
     import pyqtgraph as pg
-    import pyqtgraph.exporters as pge
 
     app = pg.mkQApp()
     colors = {"dupstudio": (31, 119, 180), "mlx-lm": (255, 127, 14), "fp": (44, 160, 44)}
@@ -193,17 +192,19 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
                     style=pg.QtCore.Qt.PenStyle.DashLine), name="Pareto front")
             for b in (budgets or [budget_bpw]):
                 pi.addItem(pg.InfiniteLine(pos=b, angle=90, pen=pg.mkPen("r"), label=f"≤{b:g}",
-                                           labelOpts={"position": 0.95, "color": (200, 0, 0)}))
+                                           labelOpts={"position": 0.04, "color": (200, 0, 0)}))
         if not dd.empty:
             xv = dd[x].to_numpy(float)
             span = max(xv.max() - xv.min(), 1e-3)
             pi.setXRange(xv.min() - 0.03 * span, xv.max() + 0.45 * span, padding=0)
-        exp = pge.ImageExporter(pi)
-        exp.parameters()["width"] = 900
-        exp.export(str(out / fname))
+        # render the laid-out widget (ImageExporter on a never-shown widget draws the axis labels
+        # over the tick labels and clips them)
+        pw.show()
+        app.processEvents()
+        if not pw.grab().save(str(out / fname), "PNG"):
+            raise OSError(f"could not write {out / fname}")
         paths.append(out / fname)
         # tear the widget down while the QApplication lives (else a crash at interpreter exit)
-        del exp
         pi.clear()
         pw.close()
         pw.deleteLater()

@@ -51,3 +51,5 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
     for png in ("ppl_vs_bpw.png", "ppl_vs_latency.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+        assert w >= 800 and h >= 500, (png, w, h)
