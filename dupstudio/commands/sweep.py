@@ -74,9 +74,13 @@ def _is_writer() -> bool:
         return True
 
 
+#: a point label's width (fraction of the x data range) and height (fraction of the log-ppl range)
+LABEL_WIDTH, LABEL_STEP = 0.35, 0.045
+
+
 def label_offsets(dd, x: str) -> dict:
     """{row index: k}: labels of points that would overlap (close in x and in log perplexity)
-    are stacked, the k-th one k label-heights up."""
+    move k label-heights up (k > 0) or down (k < 0), the nearest free slot first."""
     import numpy as np
 
     if dd.empty:
@@ -88,10 +92,12 @@ def label_offsets(dd, x: str) -> dict:
     order = np.lexsort((ly, xs))
     out, placed = {}, []
     for j in order:
-        k = 0
-        while any(abs(xs[j] - xs[p]) < 0.2 * xr and abs(ly[j] + k * yr * 0.035 - (ly[p] + kp * yr * 0.035))
-                  < yr * 0.03 for p, kp in placed):
-            k += 1
+        tries = iter([0] + [v for n in range(1, len(xs) + 1) for v in (n, -n)])
+        k = next(tries)
+        while any(abs(xs[j] - xs[p]) < LABEL_WIDTH * xr and abs(ly[j] + k * yr * LABEL_STEP -
+                                                             (ly[p] + kp * yr * LABEL_STEP))
+                  < yr * LABEL_STEP * 0.9 for p, kp in placed):
+            k = next(tries)
         placed.append((j, k))
         out[dd.index[j]] = k
     return out
@@ -126,7 +132,8 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
                 ax.scatter(s[x], s["ppl"], marker=mk, label=src)
                 for i, r in s.iterrows():
                     ax.annotate(r["name"], (r[x], r["ppl"]), fontsize=6, xytext=(5, 8 * offs[i]),
-                                textcoords="offset points")
+                                textcoords="offset points",
+                                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if offs[i] else None)
             if front and fp_ppl:
                 ax.axhline(fp_ppl, color="g", ls=":", lw=1, label=f"full precision ({fp_ppl:.1f})")
             if front:
@@ -169,6 +176,7 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
         pi.setLogMode(False, True)
         pi.setLabel("bottom", xlabel)
         pi.setLabel("left", "perplexity (log)")
+        lead = []
         for src, sym in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "star")):
             s = dd[dd["source"] == src]
             if s.empty:
@@ -176,11 +184,17 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
             pi.plot(s[x].to_numpy(float), s["ppl"].to_numpy(float), pen=None, symbol=sym, symbolSize=9,
                     symbolBrush=colors[src], name=src)
             ly = np.log10(dd["ppl"].to_numpy(float))
-            step = max(ly.max() - ly.min(), 0.5) * 16 / 500  # one label height, in decades
+            step = max(ly.max() - ly.min(), 0.5) * LABEL_STEP  # one label height, in decades
             for i, r in s.iterrows():
                 t = pg.TextItem(str(r["name"]), color=(60, 60, 60), anchor=(0, 1))
-                t.setPos(float(r[x]), float(np.log10(r["ppl"])) + step * offs[i])
+                y0 = float(np.log10(r["ppl"]))
+                t.setPos(float(r[x]), y0 + step * offs[i])
                 pi.addItem(t)
+                if offs[i]:  # a label moved off its point: a leader line back to it
+                    lead += [(float(r[x]), 10 ** y0), (float(r[x]), 10 ** (y0 + step * offs[i]))]
+        if lead:  # one item for all leader lines
+            a = np.array(lead)
+            pi.plot(a[:, 0], a[:, 1], connect="pairs", pen=pg.mkPen((150, 150, 150), width=1))
         if front and fp_ppl:
             pi.addItem(pg.InfiniteLine(pos=float(np.log10(fp_ppl)), angle=0,
                                        pen=pg.mkPen((44, 160, 44), style=pg.QtCore.Qt.PenStyle.DotLine),

@@ -53,3 +53,17 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
         assert w >= 800 and h >= 500, (png, w, h)
+
+
+def test_label_offsets_separate_close_points_and_leave_lone_ones():
+    from dupstudio.commands.sweep import LABEL_STEP, label_offsets
+
+    df = pd.DataFrame({"x": [2.5, 2.5, 2.5, 4.5], "ppl": [200.0, 210.0, 220.0, 50.0]},
+                      index=[10, 11, 12, 13])
+    offs = label_offsets(df, "x")
+    assert offs[13] == 0  # far from the others
+    ly = {i: math.log10(df.loc[i, "ppl"]) for i in df.index}
+    yr = max(ly.values()) - min(ly.values())
+    tops = sorted(ly[i] + offs[i] * yr * LABEL_STEP for i in (10, 11, 12))
+    assert all(b - a >= 0.9 * yr * LABEL_STEP for a, b in zip(tops, tops[1:]))  # no two labels overlap
+    assert sorted(abs(offs[i]) for i in (10, 11, 12))[0] == 0  # the first keeps its place
