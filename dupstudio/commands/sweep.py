@@ -211,10 +211,8 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
             xv = dd[x].to_numpy(float)
             span = max(xv.max() - xv.min(), 1e-3)
             pi.setXRange(xv.min() - 0.03 * span, xv.max() + 0.45 * span, padding=0)
-        # render the laid-out widget (ImageExporter on a never-shown widget draws the axis labels
-        # over the tick labels and clips them)
-        pw.show()
-        app.processEvents()
+        # render the widget through QWidget.grab, which lays it out first, without showing it
+        # (ImageExporter on a never-laid-out widget draws the axis labels over the tick labels)
         if not pw.grab().save(str(out / fname), "PNG"):
             raise OSError(f"could not write {out / fname}")
         paths.append(out / fname)
