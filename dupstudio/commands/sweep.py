@@ -103,6 +103,33 @@ def label_offsets(dd, x: str) -> dict:
     return out
 
 
+_QT_PLOTS_CHILD = "DUPSTUDIO_QT_PLOTS_CHILD"
+
+
+def _qt_plots_in_child(df, out: Path, budget_bpw, profile, budgets, paths) -> list:
+    """Render the pyqtgraph plots in a child Python process: the sweep's own process (a test, or
+    a GUI that runs the command) then never holds Qt plot objects of ours, whose teardown under the
+    garbage collector of another thread can deadlock or crash PySide."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "sweep.csv"
+        df.to_csv(csv, index=False)
+        code = ("import json, sys, pandas as pd; from pathlib import Path; "
+                "from dupstudio.commands.sweep import write_plots; "
+                "write_plots(pd.read_csv(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4], "
+                "budgets=json.loads(sys.argv[5]))")
+        env = dict(os.environ, **{_QT_PLOTS_CHILD: "1"})
+        env.setdefault("QT_QPA_PLATFORM", "offscreen")
+        r = subprocess.run([sys.executable, "-c", code, str(csv), str(out), str(budget_bpw), str(profile),
+                            json.dumps([float(b) for b in (budgets or [budget_bpw])])],
+                           env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"rendering the sweep plots failed: {(r.stderr or r.stdout).strip()[-800:]}")
+    return paths
+
+
 def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) -> list:
     """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
     matplotlib if installed, else pyqtgraph rendered offscreen. Returns the written paths."""
@@ -156,6 +183,8 @@ def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) ->
         return paths
     except ImportError:
         pass
+    if os.environ.get(_QT_PLOTS_CHILD) != "1":
+        return _qt_plots_in_child(df, out, budget_bpw, profile, budgets, paths=[out / s[0] for s in specs])
     import gc
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
