@@ -138,7 +138,7 @@ def _sim_block(loaded, cfg, k):
 def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, cancel):
     """What ``calibrate(loaded, cfg, tokens, settings, blocks=[k])`` with ``incremental=False``
     returns, given block k's FP input ``x`` and output ``y`` on those tokens."""
-    from dupstudio.core.calibrate import _calibrate_block
+    from dupstudio.core.calibrate import _calibrate_block, _record_block
 
     n = loaded.num_blocks
     out = cfg.copy()
@@ -150,13 +150,7 @@ def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, can
 
     res, t, gains, beta = _calibrate_block(loaded, out, k, float_w, layer, x, y, "causal", settings, rng,
                                            prog, cancel, None, n)
-    rec = asdict(res)
-    rec.pop("curve")
-    rec["settings"] = settings.key()
-    if res.accepted:
-        out.tensors.update(t)
-        out.blocks[k].gains, out.blocks[k].residual_gain = gains, beta
-    out.blocks[k].calibration = rec
+    _record_block(out, k, res, t, gains, beta, settings, None, [])  # no checkpoint, no result list
     return out
 
 
