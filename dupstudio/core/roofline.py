@@ -390,13 +390,16 @@ def check_shape(shape: dict) -> dict:
     return out
 
 
+#: the linears of one llama block, in :func:`block_matrices` order
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def block_matrices(shape: dict) -> dict[str, tuple[int, int]]:
     """(out_features, in_features) of each linear of one llama block."""
     h, i = shape["hidden_size"], shape["intermediate_size"]
     q = shape["num_heads"] * shape["head_dim"]
     kv = shape["num_kv_heads"] * shape["head_dim"]
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return dict(zip(BLOCK_LINEARS, ((q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i))))
 
 
 # --------------------------------------------------------------------------- plans
@@ -439,9 +442,8 @@ class BlockPlan:
         if self.replica_param_values < 0:
             raise DupstudioError(f"{where}: replica_param_values must be >= 0")
         if self.matrix_bits:
-            known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
             for name, b in self.matrix_bits.items():
-                if name not in known:
+                if name not in BLOCK_LINEARS:
                     raise DupstudioError(f"{where}: matrix_bits names an unknown linear {name!r}")
                 if int(b) not in QUANT_BITS or not self.quantized:
                     raise DupstudioError(f"{where}: matrix_bits must be quantized bits {QUANT_BITS} "
@@ -768,13 +770,12 @@ def predict(shape: dict, blocks: Union[Sequence[BlockPlan], BlockPlan, None] = N
 
     for k, p in enumerate(plans):
         K = int(p.replicas)
-        if p.matrix_bits:
-            parts = [(p.bits_of(m), o * i) for m, (o, i) in mats.items()]
-            code_b = sum(matrix_bytes(n, b, p.group_size)[0] for b, n in parts)
-            sb_b = sum(matrix_bytes(n, b, p.group_size)[1] for b, n in parts)
-        else:
-            parts = [(p.bits, n_lin)]
-            code_b, sb_b = matrix_bytes(n_lin, p.bits, p.group_size)
+        by_bits: dict = {}  # linear weights per bit width (one entry unless matrix_bits)
+        for m, (o, i) in mats.items():
+            by_bits[p.bits_of(m)] = by_bits.get(p.bits_of(m), 0) + o * i
+        parts = sorted(by_bits.items())
+        code_b = sum(matrix_bytes(n, b, p.group_size)[0] for b, n in parts)
+        sb_b = sum(matrix_bytes(n, b, p.group_size)[1] for b, n in parts)
         norm_b = 2 * h * NORM_BYTES
         shared = code_b + norm_b
         weight_b = shared + sb_b

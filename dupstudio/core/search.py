@@ -149,7 +149,7 @@ def mlx_lm_plans(model, shape, float_bits: int = 16):
             return int(m.bits), int(m.group_size)
         return int(float_bits), 64
 
-    names = tuple(RF.block_matrices(shape))
+    names = RF.BLOCK_LINEARS
     plans = []
     for k, layer in enumerate(model.layers):
         mods = dict(layer.named_modules())
