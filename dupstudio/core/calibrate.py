@@ -46,7 +46,13 @@ from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
 from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, block_linears, model_shape
 from dupstudio.core.replicate import embedding_modules, replica_init
 
-METHODS = ("stats", "grid", "adam")
+#: block-wise methods, and "e2e": no block-wise pass, only the end-to-end stage on the
+#: configuration as it stands
+METHODS = ("stats", "grid", "adam", "e2e")
+#: how a block's integer codes are chosen before its scales are tuned: round-to-nearest from the
+#: primary replica's strategy, or GPTQ (error feedback through the layer's input Hessian, with the
+#: inputs the already-quantized earlier blocks produce)
+CODE_METHODS = ("rtn", "gptq")
 INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
 
@@ -66,6 +72,11 @@ class CalibSettings:
     holdout: float = 0.25  # share of sequences held out to pick the best step and guard
     reg: float = 0.0  # L2 pull of the tuned offsets (u, d, gains) towards the start, per value
     seed: int = 0
+    codes: str = "rtn"  # one of CODE_METHODS
+    gptq_damp: float = 0.01  # GPTQ dampening, a share of the Hessian's mean diagonal
+    gptq_act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    e2e_steps: int = 0  # end-to-end KL steps over all blocks after the block-wise pass (0: none)
+    e2e_lr: float = 1e-4
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -87,6 +98,11 @@ def settings_from(preset: str = "fast", **overrides) -> CalibSettings:
     s = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
     if s.method not in METHODS:
         raise DupstudioError(f"unknown calibration method {s.method!r} (use {', '.join(METHODS)})")
+    if s.codes not in CODE_METHODS:
+        raise DupstudioError(f"unknown code choice {s.codes!r} (use {', '.join(CODE_METHODS)})")
+    if not (0.0 <= s.gptq_damp <= 10.0) or s.e2e_steps < 0 or not (0.0 < s.e2e_lr < 1.0):
+        raise DupstudioError("calibration settings out of range (0 ≤ GPTQ dampening ≤ 10, "
+                             "end-to-end steps ≥ 0, 0 < end-to-end learning rate < 1)")
     if s.steps < 0 or s.batch < 1 or s.seqs < 1 or s.seq_len < 16:
         raise DupstudioError("calibration settings out of range (steps ≥ 0, batch ≥ 1, seqs ≥ 1, seq_len ≥ 16)")
     return s
@@ -355,10 +371,22 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
     if stream:
         from dupstudio.core.streaming import calibrate_streamed
 
-        return calibrate_streamed(loaded, cfg, tokens, settings, progress=progress, cancel=cancel,
-                                  on_loss=on_loss, checkpoint_dir=checkpoint_dir, blocks=blocks,
-                                  spill=spill)
+        if settings.method == "e2e" or settings.e2e_steps:
+            # the end-to-end stage backpropagates through the whole model at once
+            msg = ("the end-to-end stage needs the whole model in memory and is skipped when "
+                   "streaming; run without --stream where it fits")
+            if settings.method == "e2e":
+                raise DupstudioError(msg)
+            (progress or (lambda f, m: None))(None, msg)
+        out = calibrate_streamed(loaded, cfg, tokens, settings, progress=progress, cancel=cancel,
+                                 on_loss=on_loss, checkpoint_dir=checkpoint_dir, blocks=blocks,
+                                 spill=spill)
+        if settings.e2e_steps:
+            out.provenance["calibration"]["end_to_end"] = {"skipped": msg}
+        return out
     progress, cancel = ensure(progress, cancel)
+    if settings.method == "e2e":
+        return _end_to_end(loaded, cfg, tokens, settings, progress, cancel, on_loss, steps_fallback=True)
     validate(cfg, model_shape(loaded.config))
     if tokens.ndim != 2 or tokens.shape[1] < 16:
         raise DupstudioError("calibration tokens must be (sequences, length ≥ 16)")
@@ -422,17 +450,44 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
             x_q = x_fp
         mx.eval(x_fp, x_q)
     progress(1.0, f"calibrated {len(results)} block(s)")
+    out.provenance = dict(out.provenance)
+    out.provenance["calibration"] = _calibration_record(settings, t_start, tokens)
+    out.provenance["calibration"]["blocks"] = [asdict(r) | {"curve": r.curve[-1:]} for r in results]
+    if settings.e2e_steps:
+        out = _end_to_end(loaded, out, tokens, settings, progress, cancel, on_loss)
+    return out
+
+
+def _calibration_record(settings, t_start, tokens) -> dict:
     from dupstudio.core.evaluate import provenance as _prov
 
-    out.provenance = dict(out.provenance)
-    out.provenance["calibration"] = {
-        "settings": asdict(settings),
-        "seconds": time.perf_counter() - t_start,
-        "blocks": [asdict(r) | {"curve": r.curve[-1:]} for r in results],
-        **_prov("", n_seq, tokens.shape[1], settings.seed),
-    }
-    out.provenance["calibration"].pop("text_sha256", None)
-    return out
+    rec = {"settings": asdict(settings), "seconds": time.perf_counter() - t_start,
+           "tokens": int(tokens.size), **_prov("", tokens.shape[0], tokens.shape[1], settings.seed)}
+    rec.pop("text_sha256", None)
+    return rec
+
+
+def _end_to_end(loaded, cfg, tokens, settings, progress, cancel, on_loss, steps_fallback=False):
+    """Run the end-to-end KL stage on ``cfg`` and record it in the provenance."""
+    from dupstudio.core.calibration.e2e import tune_end_to_end
+    from dupstudio.core.config import validate
+
+    t_start = time.perf_counter()
+    validate(cfg, model_shape(loaded.config))
+    steps = settings.e2e_steps or (settings.steps if steps_fallback else 0)
+    new, rec = tune_end_to_end(loaded, cfg, tokens, steps=steps, lr=settings.e2e_lr,
+                               batch=settings.batch, holdout=max(settings.holdout, 0.125),
+                               residual_gain=settings.residual_gain, seed=settings.seed,
+                               progress=progress, cancel=cancel, on_loss=on_loss)
+    new.provenance = dict(new.provenance)
+    cal = dict(new.provenance.get("calibration") or _calibration_record(settings, t_start, tokens))
+    cal["end_to_end"] = asdict(rec) | {"curve": rec.curve[-1:]}
+    cal["seconds"] = cal.get("seconds", 0.0) + rec.seconds if "blocks" in cal else rec.seconds
+    new.provenance["calibration"] = cal
+    progress(1.0, f"end-to-end: held-out KL {rec.kl_before:.4g} → {rec.kl_after:.4g}"
+             + ("" if rec.accepted else " (not better: configuration kept)")
+             + (" — stopped early" if rec.stopped == "cancelled" else ""))
+    return new
 
 
 def _restore_block(out, k, done, results) -> None:
@@ -543,12 +598,15 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
                     best = (e, name, a)
             strat, sa = best[1], best[2]
         act = mx.diagonal(sig[INPUT_OF[m]]) if strat == "search" and sa.get("error") == "act" else None
-        p0 = quant.compute_params(w, bits, g, strat, act_sq=act, **sa)
-        if key in cfg.tensors:
-            codes[m] = quant.unpack_codes(cfg.tensors[key], bits, w.shape[1])
+        if settings.codes == "gptq":
+            codes[m], s0, b0 = _gptq_matrix(w, sig[INPUT_OF[m]], bits, g, strat, sa, settings)
         else:
-            codes[m] = quant.quantize_codes(w, p0)
-        s0, b0 = p0.scales, p0.biases
+            p0 = quant.compute_params(w, bits, g, strat, act_sq=act, **sa)
+            if key in cfg.tensors:
+                codes[m] = quant.unpack_codes(cfg.tensors[key], bits, w.shape[1])
+            else:
+                codes[m] = quant.quantize_codes(w, p0)
+            s0, b0 = p0.scales, p0.biases
         if settings.init == "closed_form" or settings.method == "stats":
             s0, b0 = weighted_lsq(w, codes[m], g, sig[INPUT_OF[m]], s0, b0)
         base[m] = (s0, b0)
@@ -666,6 +724,21 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
     if accepted:
         res.loss_after = loss_after
     return res, t, gains, beta
+
+
+def _gptq_matrix(w, sigma, bits, g, strategy, sargs, settings):
+    """GPTQ codes and their group scales/biases for one matrix, from its input second moment
+    ``sigma`` (measured on the quantized model's inputs to this block)."""
+    from dupstudio.core.calibration.gptq import gptq_codes
+
+    if strategy == "search" and sargs.get("error") == "act":
+        # the activation-weighted search needs the whole row's statistics; GPTQ already weighs
+        # the error by the inputs, so its groups use the plain range
+        strategy, sargs = "minmax", {}
+    c, s, b = gptq_codes(np.array(w, dtype=np.float64), np.array(sigma, dtype=np.float64), bits, g,
+                         strategy=strategy, strategy_args=sargs, damp=settings.gptq_damp,
+                         act_order=settings.gptq_act_order)
+    return mx.array(c), mx.array(s), mx.array(b)
 
 
 def _loss_of_start(prob, loaded, cfg, k, float_w, codes, x, y, mask, bs, strategy, sargs, bits, g):

@@ -87,6 +87,23 @@ def _f16(a: mx.array) -> mx.array:
     return a.astype(mx.float16)
 
 
+def row_multipliers(t: dict, k: int, i: int) -> dict:
+    """Per matrix of replica i of block k, the factor its rows' scales and biases are multiplied
+    by when the model is built (row gain, times the column gain of o_proj folded into v_proj's
+    rows and of down_proj folded into up_proj's), or None."""
+    out = {}
+    for m in MATRIX_NAMES:
+        row = t.get(f"b{k}.r{i}.{m}.row_gain")
+        mult = None if row is None else row.astype(mx.float32)
+        folded = {"v_proj": "o", "up_proj": "down"}.get(m)
+        cg = t.get(f"b{k}.r{i}.col.{folded}") if folded else None
+        if cg is not None:
+            cg = cg.astype(mx.float32)
+            mult = cg if mult is None else mult * cg
+        out[m] = mult
+    return out
+
+
 def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
                   float_weights: Optional[dict] = None) -> BlockTensors:
     """Codes shared by the replicas of block k, and each replica's effective (folded,
@@ -143,15 +160,9 @@ def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
         if i == 0:
             scales_raw, biases_raw = [dict(si)], [dict(bi)]
         # fold row gains and tied column gains into the row scales/biases
+        mults = row_multipliers(t, k, i)
         for m in MATRIX_NAMES:
-            row = t.get(f"b{k}.r{i}.{m}.row_gain")
-            mult = None if row is None else row.astype(mx.float32)
-            if m == "v_proj" and col["o"] is not None:
-                cg = col["o"].astype(mx.float32)
-                mult = cg if mult is None else mult * cg
-            if m == "up_proj" and col["down"] is not None:
-                cg = col["down"].astype(mx.float32)
-                mult = cg if mult is None else mult * cg
+            mult = mults[m]
             if mult is not None:
                 si[m] = si[m] * mult[:, None]
                 bi[m] = bi[m] * mult[:, None]
