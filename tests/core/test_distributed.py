@@ -71,9 +71,13 @@ def test_two_ranks_equal_one_process(eval_case):
     assert "[WARN]" not in two.stderr, two.stderr
     r2 = json.loads(two.stdout)  # only rank 0 prints: exactly one JSON document
     assert r2["provenance"]["ranks"] == 2
+    # Each rank batches only its own windows, so the logits come from matmuls of other shapes
+    # than one process's (equal to float32 rounding, not bit for bit), and the sums are added
+    # in another order; ppl and KL carry that rounding far below these tolerances. A position
+    # whose two largest logits lie within rounding of each other may flip its top-1: one.
     assert r2["ppl"] == pytest.approx(r1["ppl"], rel=1e-5)
     assert r2["kl"] == pytest.approx(r1["kl"], rel=1e-4)
-    assert r2["top1_agreement"] == pytest.approx(r1["top1_agreement"], abs=1e-9)
+    assert r2["top1_agreement"] == pytest.approx(r1["top1_agreement"], abs=1 / r1["tokens"] + 1e-12)
     assert r2["ppl_ci95"] == pytest.approx(r1["ppl_ci95"], rel=1e-5)
     assert r2["tokens"] == r1["tokens"]
 

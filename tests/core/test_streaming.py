@@ -26,11 +26,25 @@ def cfg(tiny_loaded):
 
 
 def _same(a, b):
+    """Two evaluations of the same model by different code (streamed against in memory): the
+    logits come from matmuls of other shapes, which BLAS kernels may sum in another order, so
+    they agree to float32 rounding, not bit for bit. A per-token NLL (~log V ≈ 6 nats) then
+    moves by ~1e-7 relative and its means (window NLLs, log ppl) by less: rel 1e-6 leaves a
+    10x margin. KL subtracts log-probs of that size to get ~0.1-1 nats, so its relative
+    rounding is ~10x larger: rel 1e-5. A position whose two largest logits lie within rounding
+    of each other may flip its top-1: one position. A real mistake (a wrong row, chunk or
+    cast) moves every one of these by orders of magnitude more."""
     assert b.ppl == pytest.approx(a.ppl, rel=1e-6)
     assert np.allclose(a.window_nll, b.window_nll, rtol=1e-6)
     if a.kl is not None:
         assert b.kl == pytest.approx(a.kl, rel=1e-5, abs=1e-7)
-        assert b.top1_agreement == pytest.approx(a.top1_agreement)
+        assert b.top1_agreement == pytest.approx(a.top1_agreement, abs=1 / a.tokens + 1e-12)
+
+
+def _identical(a, b):
+    """The same model evaluated by the same code on the same windows again: bit for bit."""
+    assert (b.ppl, b.window_nll, b.kl, b.top1_agreement) == (a.ppl, a.window_nll, a.kl,
+                                                             a.top1_agreement)
 
 
 @pytest.mark.parametrize("spill", [False, True])
@@ -48,13 +62,15 @@ def test_streamed_full_precision_equals_in_memory(tiny_loaded, tiny_model_dir, w
 def test_streaming_an_open_model_leaves_it_usable(tiny_loaded, windows):
     before = evaluate(tiny_loaded.model, windows)
     evaluate_streamed(tiny_loaded, None, windows)
-    _same(before, evaluate(tiny_loaded.model, windows))
+    _identical(before, evaluate(tiny_loaded.model, windows))
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_streamed_head_in_chunks_equals_in_memory_exactly(tmp_path, monkeypatch, tied):
+def test_streamed_head_in_chunks_matches_in_memory(tmp_path, monkeypatch, tied):
     """The embed step gathers rows and the head scores rows and vocabulary chunks read from the
-    files: the same values, bit for bit, as the in-memory model's whole-batch logits."""
+    files: the in-memory model's whole-batch results to float32 rounding. (Not bit for bit: a
+    chunk's matmul is another GEMM shape, and some BLAS kernels, e.g. OpenBLAS's Haswell and
+    Zen ones, then sum its dot products in another order.)"""
     from dupstudio.core import streaming as S
     from dupstudio.core.model_io import open_model
     from dupstudio.core.testing import make_tiny_llama
@@ -76,8 +92,8 @@ def test_streamed_head_in_chunks_equals_in_memory_exactly(tmp_path, monkeypatch,
         a = evaluate(loaded.model if cfg is None else build(loaded, cfg, "simulate"), w,
                      reference=loaded.model if ref else None, batch_size=2)
         b = evaluate_streamed(d, cfg, w, reference=ref, batch_size=2)
-        assert a.window_nll == b.window_nll
-        assert (a.kl, a.top1_agreement) == (b.kl, b.top1_agreement)
+        _same(a, b)
+        assert (b.kl is not None) is ref
 
 
 def test_head_chunks_cover_and_stay_large():
@@ -312,9 +328,9 @@ def test_streamed_evaluation_with_release_keeps_an_open_model_usable(tiny_model_
     # the weights went back to lazy file reads, not away: the model still evaluates the same
     assert not any(isinstance(layer, S._Released) for layer in lazy.model.model.layers)
     again = evaluate_streamed(lazy, cfg, windows, reference=True, release=True)
-    _same(ref, again)
+    _identical(ref, again)
     full = open_model(tiny_model_dir)
-    _same(evaluate(full.model, windows), evaluate(lazy.model, windows))
+    _identical(evaluate(full.model, windows), evaluate(lazy.model, windows))
     assert release_weights(full, "model.layers.1") is True
 
 
