@@ -21,17 +21,18 @@ import os
 import shutil
 import struct
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .jobs import CancelToken, DupstudioError, ProgressFn, ensure
+from .safeio import atomic_write_bytes, make_temp_dir, remove_stale, temp_sibling, user_io
 
 __all__ = [
     "MARKER_NAME",
     "SUPPORTED_ARCHITECTURES",
     "convert_gguf",
     "is_complete_conversion",
+    "plan_conversion",
     "read_gguf_info",
     "sha256_file",
 ]
@@ -100,6 +101,20 @@ _GGUF_SCALARS = {
 }
 _GGUF_STRING = 8
 _GGUF_ARRAY = 9
+#: GGUF allows arrays of arrays; real files nest at most once (parsing is recursive)
+MAX_ARRAY_DEPTH = 4
+#: sane limits on the hyper-parameters of a convertible model (checked before anything is built)
+MAX_BLOCKS = 4096
+_HPARAM_LIMITS = {
+    "block_count": MAX_BLOCKS,
+    "embedding_length": 1 << 20,
+    "feed_forward_length": 1 << 22,
+    "attention.head_count": 4096,
+    "attention.head_count_kv": 4096,
+    "attention.key_length": 4096,
+    "vocab_size": 1 << 24,
+    "context_length": 1 << 24,
+}
 
 
 class _Reader:
@@ -144,33 +159,46 @@ class _Reader:
         self._pos += n
         return v
 
-    def string(self) -> str:
+    @property
+    def remaining(self) -> int:
+        return self._size - self.offset
+
+    def _corrupt(self, what: str) -> DupstudioError:
+        return DupstudioError(f"{self._path}: corrupt GGUF header ({what} at byte {self.offset})")
+
+    def count(self, what: str, min_item_bytes: int) -> int:
+        """A length field, checked against what the rest of the file can hold."""
         n = self.scalar("<Q")
-        if n > self._size:
-            raise DupstudioError(f"{self._path}: corrupt GGUF header (string length {n})")
-        raw = self.read(n)
+        if n * min_item_bytes > self.remaining:
+            raise DupstudioError(f"{self._path}: the GGUF header is truncated or corrupt ({what} of "
+                                 f"{n} items at byte {self.offset}, only {self.remaining} bytes left)")
+        return n
+
+    def string(self) -> str:
+        raw = self.read(self.count("string", 1))
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int, skip_arrays: bool = False):
+    def value(self, vtype: int, skip_arrays: bool = False, depth: int = 0):
         if vtype in _GGUF_SCALARS:
             return self.scalar(_GGUF_SCALARS[vtype])
         if vtype == _GGUF_STRING:
             return self.string()
         if vtype == _GGUF_ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise self._corrupt(f"arrays nested deeper than {MAX_ARRAY_DEPTH}")
             etype = self.scalar("<I")
-            count = self.scalar("<Q")
-            if count > self._size:
-                raise DupstudioError(f"{self._path}: corrupt GGUF header (array length {count})")
             if etype in _GGUF_SCALARS:
                 fmt = _GGUF_SCALARS[etype]
-                width = struct.calcsize(fmt)
-                raw = self.read(width * count)
+                count = self.count("array", struct.calcsize(fmt))
+                raw = self.read(struct.calcsize(fmt) * count)
                 if skip_arrays:
                     return _SkippedArray(etype, count)
                 return list(struct.unpack(f"<{count}{fmt[1:]}", raw))
-            out = [self.value(etype, skip_arrays) for _ in range(count)]
+            # a string is at least its 8-byte length, an array its 12-byte type and count
+            count = self.count("array", 8 if etype == _GGUF_STRING else 12)
+            out = [self.value(etype, skip_arrays, depth + 1) for _ in range(count)]
             return _SkippedArray(etype, count) if skip_arrays else out
-        raise DupstudioError(f"{self._path}: corrupt GGUF header (unknown value type {vtype})")
+        raise self._corrupt(f"unknown value type {vtype}")
 
 
 class _SkippedArray:
@@ -209,50 +237,21 @@ def _parse_gguf_header(path: Path, *, skip_arrays: bool = True) -> Dict[str, Any
         version = r.scalar("<I")
         if version not in (2, 3):
             raise DupstudioError(f"{path}: GGUF version {version} is not supported (only 2 and 3)")
-        n_tensors = r.scalar("<Q")
-        n_kv = r.scalar("<Q")
-        if n_tensors > size or n_kv > size:
-            raise DupstudioError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+        # each key-value pair takes at least 13 bytes, each tensor info at least 24
+        n_tensors = r.count("tensor count", 24)
+        n_kv = r.count("metadata count", 13)
         metadata: Dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
             vtype = r.scalar("<I")
             metadata[key] = r.value(vtype, skip_arrays=skip_arrays)
-        tensors: List[Dict[str, Any]] = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.scalar("<I")
-            if n_dims > 8:
-                raise DupstudioError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dims)")
-            dims = [r.scalar("<Q") for _ in range(n_dims)]
-            ttype = r.scalar("<I")
-            offset = r.scalar("<Q")
-            if ttype not in GGML_TYPES:
-                raise DupstudioError(
-                    f"{path}: tensor {name!r} has unknown ggml type id {ttype} (newer GGUF than supported?)"
-                )
-            tname, block, block_bytes = GGML_TYPES[ttype]
-            n_el = 1
-            for d in dims:
-                n_el *= d
-            if dims and dims[0] % block:
-                raise DupstudioError(
-                    f"{path}: tensor {name!r} ({tname}) has a row length {dims[0]} that is not a multiple of {block}"
-                )
-            tensors.append(
-                {
-                    "name": name,
-                    # GGUF lists dims innermost first; shape is the row-major (numpy/MLX) order
-                    "shape": tuple(reversed(dims)),
-                    "type": tname,
-                    "offset": offset,
-                    "nbytes": n_el // block * block_bytes,
-                }
-            )
+        tensors = [_tensor_info(r, path) for _ in range(n_tensors)]
         header_end = r.offset
     alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0:
-        alignment = _DEFAULT_ALIGNMENT
+    if not isinstance(alignment, int) or not 0 < alignment <= 1 << 16 or alignment & (alignment - 1):
+        raise DupstudioError(f"{path}: corrupt GGUF header (general.alignment {alignment!r} is not "
+                             f"a power of two up to 65536)")
+    _check_tensor_layout(tensors, alignment, path)
     data_start = (header_end + alignment - 1) // alignment * alignment
     data_end = data_start + max((t["offset"] + t["nbytes"] for t in tensors), default=0)
     if data_end > size:
@@ -267,6 +266,49 @@ def _parse_gguf_header(path: Path, *, skip_arrays: bool = True) -> Dict[str, Any
         "data_start": data_start,
         "file_size": size,
     }
+
+
+def _tensor_info(r: _Reader, path: Path) -> Dict[str, Any]:
+    name = r.string()
+    n_dims = r.scalar("<I")
+    if n_dims > 8:
+        raise DupstudioError(f"{path}: corrupt GGUF header (tensor {name!r} has {n_dims} dims)")
+    dims = [r.scalar("<Q") for _ in range(n_dims)]
+    ttype = r.scalar("<I")
+    offset = r.scalar("<Q")
+    if ttype not in GGML_TYPES:
+        raise DupstudioError(
+            f"{path}: tensor {name!r} has unknown ggml type id {ttype} (newer GGUF than supported?)"
+        )
+    tname, block, block_bytes = GGML_TYPES[ttype]
+    n_el = 1
+    for d in dims:
+        n_el *= d
+    if dims and dims[0] % block:
+        raise DupstudioError(
+            f"{path}: tensor {name!r} ({tname}) has a row length {dims[0]} that is not a multiple of {block}"
+        )
+    return {
+        "name": name,
+        # GGUF lists dims innermost first; shape is the row-major (numpy/MLX) order
+        "shape": tuple(reversed(dims)),
+        "type": tname,
+        "offset": offset,
+        "nbytes": n_el // block * block_bytes,
+    }
+
+
+def _check_tensor_layout(tensors: List[Dict[str, Any]], alignment: int, path: Path) -> None:
+    """Unique names and aligned offsets (what mlx's reader assumes; the sizes are checked
+    against the file by the caller)."""
+    seen = set()
+    for t in tensors:
+        if t["name"] in seen:
+            raise DupstudioError(f"{path}: corrupt GGUF header (tensor {t['name']!r} appears twice)")
+        seen.add(t["name"])
+        if t["offset"] % alignment:
+            raise DupstudioError(f"{path}: corrupt GGUF header (tensor {t['name']!r} at offset "
+                                 f"{t['offset']}, not a multiple of the alignment {alignment})")
 
 
 def _arch_key(meta: Dict[str, Any], arch: str, key: str, default: Any = None) -> Any:
@@ -493,6 +535,10 @@ def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, A
     types = _as_list(meta.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
     if not tokens or merges is None:
         raise DupstudioError(f"{gguf_path}: the GGUF has no tokenizer vocabulary/merges")
+    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
+        raise DupstudioError(f"{gguf_path}: the GGUF tokenizer tokens/merges are not lists of strings")
+    if len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
+        raise DupstudioError(f"{gguf_path}: tokenizer.ggml.token_type does not give one integer per token")
     vocab: Dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t, i)
@@ -607,41 +653,85 @@ def _as_list(v: Any) -> Optional[list]:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> Dict[str, Any]:
-    arch = meta["general.architecture"]
+def _hparam(meta: Dict[str, Any], arch: str, key: str, gguf_path: Path, default: Any = None) -> int:
+    """An integer hyper-parameter, present (or defaulted) and within its sane limit."""
+    v = _arch_key(meta, arch, key, default)
+    if v is None:
+        raise DupstudioError(f"{gguf_path}: GGUF metadata lacks {arch}.{key}")
+    hi = _HPARAM_LIMITS[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+        raise DupstudioError(f"{gguf_path}: GGUF metadata {arch}.{key} is {v!r}; expected an "
+                             f"integer in 1-{hi}")
+    return v
 
-    def need(key: str):
-        v = _arch_key(meta, arch, key)
-        if v is None:
-            raise DupstudioError(f"{gguf_path}: GGUF metadata lacks {arch}.{key}")
-        return v
 
-    hidden = int(need("embedding_length"))
-    n_heads = int(need("attention.head_count"))
-    n_kv = int(_arch_key(meta, arch, "attention.head_count_kv", n_heads))
-    head_dim = int(_arch_key(meta, arch, "attention.key_length", hidden // n_heads))
+def _fparam(meta: Dict[str, Any], arch: str, key: str, gguf_path: Path, default: float) -> float:
+    """A positive finite float hyper-parameter."""
+    v = _arch_key(meta, arch, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise DupstudioError(f"{gguf_path}: GGUF metadata {arch}.{key} is {v!r}; expected a "
+                             f"positive number")
+    return float(v)
+
+
+def _block_indices(tensor_names: set) -> set:
+    return {int(n.split(".", 2)[1]) for n in tensor_names
+            if n.startswith("blk.") and n.split(".", 2)[1].isdigit()}
+
+
+def _vocab_size(meta: Dict[str, Any], arch: str, gguf_path: Path) -> int:
+    if _arch_key(meta, arch, "vocab_size") is not None:
+        return _hparam(meta, arch, "vocab_size", gguf_path)
+    tok = meta.get("tokenizer.ggml.tokens")
+    n = tok.count if isinstance(tok, _SkippedArray) else len(_as_list(tok) or [])
+    if not 1 <= n <= _HPARAM_LIMITS["vocab_size"]:
+        raise DupstudioError(f"{gguf_path}: the GGUF vocabulary has {n} tokens")
+    return n
+
+
+def _attention_shape(meta: Dict[str, Any], arch: str, hidden: int, gguf_path: Path) -> tuple:
+    """(heads, kv heads, head dim), consistent with each other and with the rope."""
+    n_heads = _hparam(meta, arch, "attention.head_count", gguf_path)
+    n_kv = _hparam(meta, arch, "attention.head_count_kv", gguf_path, n_heads)
+    if n_heads % n_kv:
+        raise DupstudioError(f"{gguf_path}: {n_heads} attention heads cannot be shared by {n_kv} "
+                             f"key/value heads")
+    head_dim = _hparam(meta, arch, "attention.key_length", gguf_path, max(hidden // n_heads, 1))
+    if head_dim % 2:
+        raise DupstudioError(f"{gguf_path}: head dim {head_dim} is odd (rope rotates pairs)")
     rope_dim = _arch_key(meta, arch, "rope.dimension_count")
-    if rope_dim is not None and int(rope_dim) != head_dim:
+    if rope_dim is not None and rope_dim != head_dim:
         raise DupstudioError(
             f"{gguf_path}: partial rope (rope dimension {rope_dim} != head dim {head_dim}) is not supported"
         )
-    vocab = _arch_key(meta, arch, "vocab_size")
-    if vocab is None:
-        vocab = len(_as_list(meta.get("tokenizer.ggml.tokens")) or [])
+    return n_heads, n_kv, head_dim
+
+
+def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> Dict[str, Any]:
+    """config.json from the header metadata; every count is checked against its limit and
+    the block count against the blocks the file actually holds."""
+    arch = meta["general.architecture"]
+    hidden = _hparam(meta, arch, "embedding_length", gguf_path)
+    n_heads, n_kv, head_dim = _attention_shape(meta, arch, hidden, gguf_path)
+    n_blocks = _hparam(meta, arch, "block_count", gguf_path)
+    held = _block_indices(tensor_names)
+    if held != set(range(n_blocks)):
+        raise DupstudioError(f"{gguf_path}: GGUF metadata says {n_blocks} blocks but the file holds "
+                             f"tensors for {len(held)} (blk.0-{max(held, default=-1)})")
     tied = "output.weight" not in tensor_names
     cfg: Dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": _hparam(meta, arch, "feed_forward_length", gguf_path),
+        "num_hidden_layers": n_blocks,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "rms_norm_eps": float(_arch_key(meta, arch, "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(_arch_key(meta, arch, "rope.freq_base", 10000.0)),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(_arch_key(meta, arch, "context_length", 2048)),
+        "rms_norm_eps": _fparam(meta, arch, "attention.layer_norm_rms_epsilon", gguf_path, 1e-5),
+        "rope_theta": _fparam(meta, arch, "rope.freq_base", gguf_path, 10000.0),
+        "vocab_size": _vocab_size(meta, arch, gguf_path),
+        "max_position_embeddings": _hparam(meta, arch, "context_length", gguf_path, 2048),
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
         "attention_bias": any(n.endswith("attn_q.bias") for n in tensor_names),
@@ -653,9 +743,9 @@ def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> D
     cfg["rope_theta"] = float(f"{cfg['rope_theta']:.7g}")
     scaling = _arch_key(meta, arch, "rope.scaling.type")
     if scaling and scaling != "none":
-        factor = _arch_key(meta, arch, "rope.scaling.factor")
-        if scaling == "linear" and factor:
-            cfg["rope_scaling"] = {"type": "linear", "factor": float(factor)}
+        if scaling == "linear" and _arch_key(meta, arch, "rope.scaling.factor"):
+            factor = _fparam(meta, arch, "rope.scaling.factor", gguf_path, 1.0)
+            cfg["rope_scaling"] = {"type": "linear", "factor": factor}
         else:
             raise DupstudioError(f"{gguf_path}: rope scaling {scaling!r} is not supported")
     for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
@@ -671,12 +761,8 @@ def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> D
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        if isinstance(obj, str):
-            fh.write(obj)
-        else:
-            json.dump(obj, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
+    text = obj if isinstance(obj, str) else json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _scalar_meta(v: Any) -> Any:
@@ -684,6 +770,45 @@ def _scalar_meta(v: Any) -> Any:
     if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
         return v.item()
     return v
+
+
+def plan_conversion(gguf_path: PathLike) -> Dict[str, Any]:
+    """Everything about a conversion that the header alone decides, checked before any tensor
+    is read: supported architecture/types/tokenizer, known tensor names, hyper-parameters
+    within limits and consistent with the tensors' shapes. Returns ``{"header", "infos",
+    "config"}``; raises DupstudioError naming the first problem."""
+    gguf_path = Path(gguf_path)
+    header = _parse_gguf_header(gguf_path, skip_arrays=True)
+    problems = _support_problems(header["metadata"], header["tensors"])
+    if problems:
+        raise DupstudioError(f"{gguf_path}: cannot convert: " + "; ".join(problems))
+    infos = {t["name"]: t for t in header["tensors"]}
+    unknown = [n for n in infos if _hf_name(n) is None]
+    if unknown:
+        raise DupstudioError(
+            f"{gguf_path}: unexpected tensor(s) for a llama model: {', '.join(sorted(unknown)[:5])}"
+        )
+    shapes = {_hf_name(n): tuple(t["shape"]) for n, t in infos.items()}
+    if len(shapes) != len(infos):
+        raise DupstudioError(f"{gguf_path}: two tensors map onto the same weight (e.g. blk.1 and blk.01)")
+    config = _build_config(header["metadata"], set(infos), gguf_path)
+    _check_shapes(shapes, config, gguf_path)
+    return {"header": header, "infos": infos, "config": config}
+
+
+def _load_gguf(gguf_path: Path, header: Dict[str, Any]) -> tuple:
+    """(mlx arrays, metadata): mlx's tensors, the header's exact scalars, mlx's lists."""
+    import mlx.core as mx
+
+    try:
+        arrays, raw_meta = mx.load(str(gguf_path), return_metadata=True)
+    except Exception as exc:  # mlx raises ValueError/RuntimeError with its own wording
+        raise DupstudioError(f"{gguf_path}: mlx cannot read this GGUF file ({exc})") from exc
+    meta = {k: _scalar_meta(v) for k, v in raw_meta.items()}
+    for k, v in header["metadata"].items():
+        if not isinstance(v, _SkippedArray):
+            meta[k] = v
+    return arrays, meta
 
 
 def convert_gguf(
@@ -706,110 +831,93 @@ def convert_gguf(
     t0 = time.perf_counter()
 
     progress(0.0, f"Reading {gguf_path.name}")
-    header = _parse_gguf_header(gguf_path, skip_arrays=True)
-    problems = _support_problems(header["metadata"], header["tensors"])
-    if problems:
-        raise DupstudioError(f"{gguf_path}: cannot convert: " + "; ".join(problems))
-    infos = {t["name"]: t for t in header["tensors"]}
-    unknown = [n for n in infos if _hf_name(n) is None]
-    if unknown:
-        raise DupstudioError(
-            f"{gguf_path}: unexpected tensor(s) for a llama model: {', '.join(sorted(unknown)[:5])}"
-        )
+    plan = plan_conversion(gguf_path)
     if out_dir.exists() and not _replaceable(out_dir):
         raise DupstudioError(
             f"{out_dir}: already exists and is not a dupstudio conversion; refusing to overwrite it"
         )
-
     cancel.check()
     progress(0.02, "Hashing the GGUF file")
     digest = sha256_file(gguf_path, cancel=cancel)
     cancel.check()
-
     progress(0.05, "Loading GGUF tensors")
-    import mlx.core as mx
-
-    try:
-        arrays, raw_meta = mx.load(str(gguf_path), return_metadata=True)
-    except Exception as exc:  # mlx raises ValueError/RuntimeError with its own wording
-        raise DupstudioError(f"{gguf_path}: mlx cannot read this GGUF file ({exc})") from exc
-    meta = {k: _scalar_meta(v) for k, v in raw_meta.items()}
-    # header-parsed scalars are exact Python values; prefer them, keep mlx's arrays for lists
-    for k, v in header["metadata"].items():
-        if not isinstance(v, _SkippedArray):
-            meta[k] = v
-    arch = meta["general.architecture"]
-    config = _build_config(meta, set(infos), gguf_path)
-    n_heads = config["num_attention_heads"]
-    n_kv = config["num_key_value_heads"]
-
+    arrays, meta = _load_gguf(gguf_path, plan["header"])
     cancel.check()
     progress(0.08, "Building the tokenizer")
     tok_files = _build_tokenizer_files(meta, gguf_path)
-
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_stale(out_dir.parent)
+    tmp = make_temp_dir(out_dir, "partial")
     try:
-        weights: Dict[str, Any] = {}
-        names = list(infos)
-        for i, name in enumerate(names):
-            cancel.check()
-            info = infos[name]
-            hf = _hf_name(name)
-            w = _dequantize(mx, arrays, name, info, gguf_path)
-            if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
-                w = _unpermute_rows(w, n_heads)
-            elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
-                w = _unpermute_rows(w, n_kv)
-            mx.eval(w)
-            weights[hf] = w
-            progress(0.1 + 0.75 * (i + 1) / len(names), f"Dequantized {name} ({info['type']})")
-        del arrays
-        _check_shapes(weights, config, gguf_path)
-
-        cancel.check()
-        progress(0.86, "Writing model.safetensors")
-        mx.save_safetensors(
-            str(tmp / WEIGHTS_NAME),
-            weights,
-            metadata={"format": "mlx", "dupstudio_source": gguf_path.name, "dupstudio_source_sha256": digest},
-        )
-        del weights
-        cancel.check()
-        progress(0.95, "Writing config and tokenizer")
-        config["dupstudio_source"] = {
-            "file": gguf_path.name,
-            "sha256": digest,
-            "size": header["file_size"],
-            "architecture": arch,
-            "name": meta.get("general.name"),
-            "file_type": meta.get("general.file_type"),
-            "tensor_types": sorted({t["type"] for t in header["tensors"]}),
-        }
-        _write_json(tmp / "config.json", config)
-        for fname, obj in tok_files.items():
-            _write_json(tmp / fname, obj)
-        cancel.check()
-
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        marker = {
-            "format": MARKER_FORMAT,
-            "kind": "gguf-conversion",
-            "source": {"file": gguf_path.name, "sha256": digest, "size": header["file_size"]},
-            "files": files,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        _write_json(tmp / MARKER_NAME, marker)
-        _fsync_dir(tmp)
-        _install(tmp, out_dir)
+        with user_io(out_dir):
+            weights = _dequantize_all(arrays, plan, gguf_path, progress, cancel)
+            del arrays
+            _write_conversion(tmp, weights, plan, meta, tok_files, gguf_path, digest, t0,
+                              progress, cancel)
+            del weights
+            _install(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     progress(1.0, f"Converted {gguf_path.name} in {time.perf_counter() - t0:.1f} s")
     return out_dir
+
+
+def _dequantize_all(arrays, plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> Dict[str, Any]:
+    """{HF name: float32 weight}, q/k rows back in the rotate-half layout."""
+    import mlx.core as mx
+
+    n_heads = plan["config"]["num_attention_heads"]
+    n_kv = plan["config"]["num_key_value_heads"]
+    infos = plan["infos"]
+    weights: Dict[str, Any] = {}
+    for i, (name, info) in enumerate(infos.items()):
+        cancel.check()
+        w = _dequantize(mx, arrays, name, info, gguf_path)
+        if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
+            w = _unpermute_rows(w, n_heads)
+        elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
+            w = _unpermute_rows(w, n_kv)
+        mx.eval(w)
+        weights[_hf_name(name)] = w
+        progress(0.1 + 0.75 * (i + 1) / len(infos), f"Dequantized {name} ({info['type']})")
+    return weights
+
+
+def _write_conversion(tmp: Path, weights, plan, meta, tok_files, gguf_path: Path, digest: str,
+                      t0: float, progress, cancel) -> None:
+    """model.safetensors, config.json, the tokenizer files, then the marker (last)."""
+    import mlx.core as mx
+
+    header, config = plan["header"], dict(plan["config"])
+    cancel.check()
+    progress(0.86, "Writing model.safetensors")
+    st_meta = {"format": "mlx", "dupstudio_source": gguf_path.name, "dupstudio_source_sha256": digest}
+    atomic_write_bytes(tmp / WEIGHTS_NAME, lambda f: mx.save_safetensors(f, weights, metadata=st_meta))
+    cancel.check()
+    progress(0.95, "Writing config and tokenizer")
+    config["dupstudio_source"] = {
+        "file": gguf_path.name,
+        "sha256": digest,
+        "size": header["file_size"],
+        "architecture": meta["general.architecture"],
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
+        "tensor_types": sorted({t["type"] for t in header["tensors"]}),
+    }
+    _write_json(tmp / "config.json", config)
+    for fname, obj in tok_files.items():
+        _write_json(tmp / fname, obj)
+    cancel.check()
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    marker = {
+        "format": MARKER_FORMAT,
+        "kind": "gguf-conversion",
+        "source": {"file": gguf_path.name, "sha256": digest, "size": header["file_size"]},
+        "files": files,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _write_json(tmp / MARKER_NAME, marker)
 
 
 def _dequantize(mx, arrays: Dict[str, Any], name: str, info: Dict[str, Any], gguf_path: Path):
@@ -843,7 +951,9 @@ def _dequantize(mx, arrays: Dict[str, Any], name: str, info: Dict[str, Any], ggu
     return out
 
 
-def _check_shapes(weights: Dict[str, Any], cfg: Dict[str, Any], gguf_path: Path) -> None:
+def _check_shapes(shapes: Dict[str, tuple], cfg: Dict[str, Any], gguf_path: Path) -> None:
+    """Every tensor the config implies is present with its shape (``shapes``: HF name -> shape).
+    The caller has checked the block count against the blocks in the file."""
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     expect = {
@@ -852,26 +962,24 @@ def _check_shapes(weights: Dict[str, Any], cfg: Dict[str, Any], gguf_path: Path)
     }
     if not cfg["tie_word_embeddings"]:
         expect["lm_head.weight"] = (v, h)
+    per_block = {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (nh * hd, h),
+        "self_attn.k_proj.weight": (nkv * hd, h),
+        "self_attn.v_proj.weight": (nkv * hd, h),
+        "self_attn.o_proj.weight": (h, nh * hd),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+    }
     for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        expect.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (nh * hd, h),
-                p + "self_attn.k_proj.weight": (nkv * hd, h),
-                p + "self_attn.v_proj.weight": (nkv * hd, h),
-                p + "self_attn.o_proj.weight": (h, nh * hd),
-                p + "mlp.gate_proj.weight": (inter, h),
-                p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-            }
-        )
+        expect.update({f"model.layers.{i}.{k}": shp for k, shp in per_block.items()})
     for k, shp in expect.items():
-        if k not in weights:
+        if k not in shapes:
             raise DupstudioError(f"{gguf_path}: missing tensor for {k}")
-        if tuple(weights[k].shape) != shp:
-            raise DupstudioError(f"{gguf_path}: {k} has shape {tuple(weights[k].shape)}, expected {shp}")
+        if tuple(shapes[k]) != shp:
+            raise DupstudioError(f"{gguf_path}: {k} has shape {tuple(shapes[k])}, expected {shp}")
 
 
 def _replaceable(out_dir: Path) -> bool:
@@ -879,18 +987,6 @@ def _replaceable(out_dir: Path) -> bool:
         return False
     entries = list(out_dir.iterdir())
     return not entries or (out_dir / MARKER_NAME).is_file()
-
-
-def _fsync_dir(d: Path) -> None:
-    for p in d.iterdir():
-        try:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
 
 
 def _install(tmp: Path, out_dir: Path) -> None:
@@ -901,7 +997,7 @@ def _install(tmp: Path, out_dir: Path) -> None:
             raise DupstudioError(
                 f"{out_dir}: already exists and is not a dupstudio conversion; refusing to overwrite it"
             )
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = temp_sibling(out_dir, "old")
         os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
+from dupstudio.core.safeio import check_int, read_safetensors_header, remove_stale, user_io
 
 MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,6 +29,11 @@ DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 REQUIRED_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size",
                         "num_attention_heads", "vocab_size")
+#: sane limits on config.json's sizes, checked before mlx-lm builds anything from them
+CONFIG_LIMITS = {"hidden_size": 1 << 20, "num_hidden_layers": 4096, "intermediate_size": 1 << 22,
+                 "num_attention_heads": 4096, "num_key_value_heads": 4096, "head_dim": 4096,
+                 "vocab_size": 1 << 24, "max_position_embeddings": 1 << 24}
+MAX_CONFIG_JSON = 16 << 20
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -93,6 +99,7 @@ def ensure_converted(gguf: Path, progress: Optional[ProgressFn] = None,
     if not gguf.is_file():
         raise DupstudioError(f"{gguf}: no such file")
     progress, cancel = ensure(progress, cancel)
+    remove_stale(models_dir())  # what killed conversions left behind
     target = models_dir() / f"{gguf.stem}-{_file_digest(gguf)}"
     if target.exists() and gguf_mod.is_complete_conversion(target):
         return target
@@ -153,17 +160,62 @@ def resolve_model_dir(source: str | Path | None, progress: Optional[ProgressFn] 
     raise DupstudioError(f"{p}: no such file or folder")
 
 
+def _read_config_json(cfg_path: Path) -> dict:
+    with user_io(cfg_path, "read"):
+        if cfg_path.stat().st_size > MAX_CONFIG_JSON:
+            raise DupstudioError(f"{cfg_path}: too large for a config.json")
+        raw = cfg_path.read_bytes()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise DupstudioError(f"{cfg_path}: malformed config.json ({_one_line(e)})") from e
+    if not isinstance(config, dict):
+        raise DupstudioError(f"{cfg_path}: malformed config.json (not an object)")
+    return config
+
+
+def _check_config_sizes(config: dict, cfg_path: Path) -> None:
+    for key, hi in CONFIG_LIMITS.items():
+        if key in config and (key in REQUIRED_CONFIG_KEYS or config[key] is not None):
+            check_int(config[key], f"{cfg_path}: {key}", 1, hi)
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if heads % kv:
+        raise DupstudioError(f"{cfg_path}: {heads} attention heads cannot be shared by {kv} key/value heads")
+
+
+def _check_weight_headers(path: Path, config: dict) -> None:
+    """The weight files' headers are sound and hold the blocks and the bytes config.json implies
+    (a patched num_hidden_layers or hidden_size is caught here, before mlx-lm builds layers)."""
+    blocks, data = set(), 0
+    for f in sorted(path.glob("*.safetensors")):
+        header = read_safetensors_header(f)
+        for name, info in header.items():
+            parts = name.split(".")
+            if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+                blocks.add(int(parts[2]))
+            if name != "__metadata__":
+                data += info["data_offsets"][1] - info["data_offsets"][0]
+    n = config["num_hidden_layers"]
+    if blocks != set(range(n)):
+        raise DupstudioError(f"{path}: config.json says {n} blocks but the weight files hold "
+                             f"{len(blocks)} (model.layers.0-{max(blocks, default=-1)})")
+    shp = model_shape(config)
+    h, q, kv = shp["hidden_size"], shp["num_heads"] * shp["head_dim"], shp["num_kv_heads"] * shp["head_dim"]
+    params = shp["vocab_size"] * h + n * (h * (2 * q + 2 * kv) + 3 * h * shp["intermediate_size"])
+    quant = config.get("quantization")
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    bits = bits if isinstance(bits, int) and 1 <= bits <= 8 else 8
+    if params * bits // 16 > data:  # half the bytes of the smallest encoding: generous slack
+        raise DupstudioError(f"{path}: config.json describes about {params:,} parameters, but the "
+                             f"weight files hold only {data:,} bytes")
+
+
 def check_model_dir(path: Path) -> dict:
     """Validate a model folder before loading; return its config.json."""
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise DupstudioError(f"{path}: not a model folder (no config.json)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DupstudioError(f"{cfg_path}: malformed config.json ({_one_line(e)})") from e
-    if not isinstance(config, dict):
-        raise DupstudioError(f"{cfg_path}: malformed config.json (not an object)")
+    config = _read_config_json(cfg_path)
     mt = config.get("model_type")
     if mt is None:
         raise DupstudioError(f"{cfg_path}: no model_type in config.json (dupstudio supports "
@@ -176,10 +228,12 @@ def check_model_dir(path: Path) -> dict:
     missing = [k for k in REQUIRED_CONFIG_KEYS if k not in config]
     if missing:
         raise DupstudioError(f"{cfg_path}: config.json lacks {', '.join(missing)}")
+    _check_config_sizes(config, cfg_path)
     if not list(path.glob("*.safetensors")):
         raise DupstudioError(f"{path}: no *.safetensors weight files")
     if not (path / "tokenizer.json").exists() and not (path / "tokenizer.model").exists():
         raise DupstudioError(f"{path}: no tokenizer (tokenizer.json) in the model folder")
+    _check_weight_headers(path, config)
     return config
 
 

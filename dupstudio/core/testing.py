@@ -120,3 +120,96 @@ def free_port_block(n: int = 4) -> int:
         if port + n < 65535:
             return port
     return 40000
+
+
+# --------------------------------------------------------------------------- tiny GGUF files
+# A minimal GGUF v3 writer (F32 tensors only) for tests of the converter and its checks.
+GGUF_U32, GGUF_F32, GGUF_STRING, GGUF_ARRAY = 4, 6, 8, 9
+
+
+def _gguf_str(text: str) -> bytes:
+    import struct
+
+    b = text.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_value(vtype: int, value) -> bytes:
+    """Encode one metadata value; arrays are ``(element type, [values])``."""
+    import struct
+
+    if vtype == GGUF_STRING:
+        return _gguf_str(value)
+    if vtype == GGUF_ARRAY:
+        etype, items = value
+        return struct.pack("<IQ", etype, len(items)) + b"".join(gguf_value(etype, v) for v in items)
+    return struct.pack({GGUF_U32: "<I", GGUF_F32: "<f"}[vtype], value)
+
+
+def gguf_bytes(kvs: list, tensors: list, alignment: int = 32) -> bytes:
+    """A GGUF v3 file: ``kvs`` = [(key, value type, value)], ``tensors`` = [(name, float32 array)]."""
+    import struct
+
+    import numpy as np
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs))
+    out += b"".join(_gguf_str(k) + struct.pack("<I", t) + gguf_value(t, v) for k, t, v in kvs)
+    blobs, off = b"", 0
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        dims = list(reversed(arr.shape))
+        out += _gguf_str(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", 0, off)
+        raw = arr.tobytes() + b"\0" * ((-arr.nbytes) % alignment)
+        blobs += raw
+        off += len(raw)
+    out += b"\0" * ((-len(out)) % alignment)
+    return out + blobs
+
+
+def tiny_gguf_parts(*, layers: int = 1, hidden: int = 64, heads: int = 2, kv_heads: int = 1,
+                    intermediate: int = 128, seed: int = 0) -> tuple:
+    """(kvs, tensors) of a tiny convertible llama GGUF with a real byte-level BPE vocabulary."""
+    import numpy as np
+
+    tok = make_tokenizer()
+    model = json.loads(tok.to_str())["model"]
+    vocab = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    types = [3 if t in SPECIALS else 1 for t in vocab]
+    kvs = [("general.architecture", GGUF_STRING, "llama"), ("general.name", GGUF_STRING, "tiny"),
+           ("llama.block_count", GGUF_U32, layers), ("llama.embedding_length", GGUF_U32, hidden),
+           ("llama.feed_forward_length", GGUF_U32, intermediate),
+           ("llama.attention.head_count", GGUF_U32, heads),
+           ("llama.attention.head_count_kv", GGUF_U32, kv_heads),
+           ("llama.context_length", GGUF_U32, 256),
+           ("llama.attention.layer_norm_rms_epsilon", GGUF_F32, 1e-5),
+           ("tokenizer.ggml.model", GGUF_STRING, "gpt2"),
+           ("tokenizer.ggml.tokens", GGUF_ARRAY, (GGUF_STRING, vocab)),
+           ("tokenizer.ggml.merges", GGUF_ARRAY, (GGUF_STRING, merges)),
+           ("tokenizer.ggml.token_type", GGUF_ARRAY, (GGUF_U32, types)),
+           ("tokenizer.ggml.eos_token_id", GGUF_U32, vocab.index("<|im_end|>"))]
+    rng = np.random.default_rng(seed)
+    hd = hidden // heads
+    mats = {"attn_q": (heads * hd, hidden), "attn_k": (kv_heads * hd, hidden),
+            "attn_v": (kv_heads * hd, hidden), "attn_output": (hidden, heads * hd),
+            "ffn_gate": (intermediate, hidden), "ffn_up": (intermediate, hidden),
+            "ffn_down": (hidden, intermediate)}
+    tensors = [("token_embd.weight", 0.05 * rng.standard_normal((len(vocab), hidden))),
+               ("output_norm.weight", np.ones(hidden))]
+    for k in range(layers):
+        tensors += [(f"blk.{k}.attn_norm.weight", np.ones(hidden)), (f"blk.{k}.ffn_norm.weight", np.ones(hidden))]
+        tensors += [(f"blk.{k}.{m}.weight", rng.standard_normal(s) / s[1] ** 0.5) for m, s in mats.items()]
+    return kvs, tensors
+
+
+def write_tiny_gguf(path: str | Path, *, meta: dict | None = None, **shape) -> Path:
+    """Write a tiny convertible llama GGUF; ``meta`` replaces metadata values by key
+    (``{key: (value type, value)}``; new keys are appended)."""
+    kvs, tensors = tiny_gguf_parts(**shape)
+    meta = dict(meta or {})
+    kvs = [(k, *meta.pop(k)) if k in meta else (k, t, v) for k, t, v in kvs]
+    kvs += [(k, t, v) for k, (t, v) in meta.items()]
+    path = Path(path)
+    path.write_bytes(gguf_bytes(kvs, tensors))
+    return path

@@ -345,3 +345,69 @@ def test_damaged_real_conversion(converted, tmp_path):
     assert not gguf.is_complete_conversion(d)
     (d / "model.safetensors").unlink()
     assert not gguf.is_complete_conversion(d)
+
+
+# ------------------------------------------------------------------ issue 22: limits before allocation
+from dupstudio.core.testing import GGUF_ARRAY, GGUF_STRING, GGUF_U32, write_tiny_gguf  # noqa: E402
+
+
+def test_tiny_gguf_converts(tmp_path):
+    out = gguf.convert_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "out")
+    assert gguf.is_complete_conversion(out)
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"llama.block_count": (GGUF_U32, 4_000_000_000)},
+     r"llama.block_count is 4000000000; expected an integer in 1-4096"),
+    ({"llama.block_count": (GGUF_U32, 2)}, r"says 2 blocks but the file holds tensors for 1"),
+    ({"llama.attention.head_count": (GGUF_U32, 0)}, r"head_count is 0; expected an integer"),
+    ({"llama.attention.head_count_kv": (GGUF_U32, 0)}, r"head_count_kv is 0"),
+    ({"llama.embedding_length": (GGUF_STRING, "64")}, r"embedding_length is '64'; expected an integer"),
+    ({"llama.attention.head_count_kv": (GGUF_U32, 3)}, r"2 attention heads cannot be shared by 3"),
+    ({"llama.context_length": (GGUF_U32, 0)}, r"context_length is 0"),
+    ({"general.alignment": (GGUF_U32, 3)}, r"general.alignment 3 is not a power of two"),
+])
+def test_patched_hyper_parameters_are_refused_early(tmp_path, meta, message):
+    p = write_tiny_gguf(tmp_path / "bad.gguf", meta=meta)
+    with pytest.raises(DupstudioError, match=message) as e:
+        gguf.convert_gguf(p, tmp_path / "out")
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_deeply_nested_arrays_are_refused(tmp_path):
+    ok = write_tiny_gguf(tmp_path / "ok.gguf", meta={"x.nested": (GGUF_ARRAY, (GGUF_ARRAY, [(GGUF_U32, [1])]))})
+    assert gguf.read_gguf_info(ok)["supported"]
+    depth = 100_000  # an array of an array of ... (RecursionError before the limit existed)
+    value = struct.pack("<IQ", GGUF_ARRAY, 1) * depth + struct.pack("<IQI", GGUF_U32, 1, 7)
+    p = tmp_path / "deep.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _s("x.nested") + struct.pack("<I", GGUF_ARRAY) + value)
+    with pytest.raises(DupstudioError, match="arrays nested deeper than 4"):
+        gguf.read_gguf_info(p)
+
+
+def test_huge_counts_are_checked_against_the_file_size(tmp_path):
+    p = tmp_path / "counts.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 1 << 40) + b"\0" * 64)
+    with pytest.raises(DupstudioError, match="truncated or corrupt"):
+        gguf.read_gguf_info(p)
+    arr = _s("k") + struct.pack("<IIQ", 9, 8, 1 << 60)  # an array of 2**60 strings
+    q = tmp_path / "array.gguf"
+    q.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + arr + b"\0" * 64)
+    with pytest.raises(DupstudioError, match="truncated or corrupt"):
+        gguf.read_gguf_info(q)
+
+
+def test_info_on_a_patched_gguf_is_one_line_and_bounded(tmp_path):
+    """`dupstudio info` on a GGUF claiming 4e9 blocks: a one-line error, exit 2, little memory."""
+    import subprocess
+    import sys
+
+    p = write_tiny_gguf(tmp_path / "bad.gguf", meta={"llama.block_count": (GGUF_U32, 4_000_000_000)})
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "from dupstudio.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(os.environ, DUPSTUDIO_HOME=str(tmp_path / "home"))
+    r = subprocess.run([sys.executable, "-c", code, "info", str(p)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "block_count is 4000000000" in lines[0]

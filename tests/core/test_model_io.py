@@ -142,12 +142,12 @@ def bad_inputs(tiny: Path, tmp: Path) -> dict:
 
     d = _copy(tiny, tmp / "garbage-weights")
     (d / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
-    cases["corrupt safetensors (garbage)"] = (d, "could not load the weights")
+    cases["corrupt safetensors (garbage)"] = (d, "corrupt safetensors file")
 
     d = _copy(tiny, tmp / "truncated-weights")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
-    cases["corrupt safetensors (truncated)"] = (d, "could not load the weights")
+    cases["corrupt safetensors (truncated)"] = (d, "truncated")
 
     d = _copy(tiny, tmp / "gpt2")
     _edit_config(d, model_type="gpt2")
@@ -252,3 +252,47 @@ def test_default_model_perplexity_4x512(default_loaded):
     ppl = math.exp(total / count)
     print(f"default model perplexity, {n_windows}x{ctx} WikiText-2 test tokens: {ppl:.2f}")
     assert 5 < ppl < 45, ppl
+
+
+# --------------------------------------------------------------------------- issue 22: sizes checked first
+@pytest.mark.parametrize("changes,words", [
+    ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers: 1000000000 is out of range"),
+    ({"num_hidden_layers": 4}, "config.json says 4 blocks but the weight files hold 3"),
+    ({"num_hidden_layers": "3"}, "num_hidden_layers: expected an integer, got the string '3'"),
+    ({"hidden_size": 1 << 20}, "weight files hold only"),
+    ({"num_attention_heads": 0}, "num_attention_heads: 0 is out of range"),
+    ({"num_key_value_heads": 3}, "4 attention heads cannot be shared by 3"),
+])
+def test_patched_config_sizes_are_refused_before_loading(tmp_path, tiny_model_dir, changes, words):
+    d = _copy(tiny_model_dir, tmp_path / "patched")
+    _edit_config(d, **changes)
+    with pytest.raises(DupstudioError, match=words) as exc:
+        open_model(d)
+    assert "\n" not in str(exc.value)
+
+
+def test_safetensors_header_sizes_are_checked(tmp_path):
+    import struct
+
+    from dupstudio.core.safeio import read_safetensors_header
+
+    def write(header: dict, data: bytes = b"") -> Path:
+        raw = json.dumps(header).encode()
+        p = tmp_path / "w.safetensors"
+        p.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+        return p
+
+    good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    assert read_safetensors_header(write(good, b"\0" * 8))["a"]["shape"] == [2]
+    bad = [({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 8]}}, "shape: 1099511627776 is out of range"),
+           ({"a": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, "unknown dtype"),
+           ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 1 << 50]}}, "truncated"),
+           ({"a": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, "at most 8"),
+           ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, "expected an integer")]
+    for header, words in bad:
+        with pytest.raises(DupstudioError, match=words):
+            read_safetensors_header(write(header, b"\0" * 8))
+    p = tmp_path / "huge.safetensors"
+    p.write_bytes(struct.pack("<Q", 1 << 60) + b"{}")
+    with pytest.raises(DupstudioError, match="header of 1152921504606846976 bytes"):
+        read_safetensors_header(p)
