@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -21,7 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--ppl", type=float, default=None,
                    help="perplexity to state in the README (default: the configuration's last "
                         "stored eval result, if any)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in --out (only the files it wrote; never the "
+                        "configuration or other files)")
     p.add_argument("--standard", action="store_true",
                    help="refuse configurations that need custom model code (K > 1 or β ≠ 1)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -42,10 +45,13 @@ def run(args) -> int:
 
     cfg, loaded = load_config_and_model(args.config, args.model)
     ppl = args.ppl if args.ppl is not None else _stored_ppl(cfg)
+    cpath = Path(args.config)
+    inputs = (cpath,) + ((cpath.resolve().parent / cfg.tensors_file,) if cfg.tensors_file else ())
     progress = StderrProgress()
     try:
         r = export_model(loaded, cfg, args.out, progress=progress, ppl=ppl, fmt=args.format,
-                         dtype=args.dtype, overwrite=args.overwrite, require_standard=args.standard)
+                         dtype=args.dtype, overwrite=args.overwrite, require_standard=args.standard,
+                         inputs=inputs)
     finally:
         progress.close()
     if args.json:

@@ -28,14 +28,15 @@ not quantized (norms, an unquantized embedding/head) are stored in ``dtype`` (fl
 default, as the accounting counts them; float32 reproduces a float32 deploy model exactly).
 
 The folder is written into a hidden temporary sibling and renamed into place at the end,
-so a failed or cancelled export never leaves a complete-looking folder.
+so a failed or cancelled export never leaves a complete-looking folder. A manifest
+(``dupstudio-export.json``) lists what the export wrote: ``overwrite`` replaces those files
+only, never the export's inputs nor anything else in the folder.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -43,11 +44,13 @@ from typing import Any, Optional
 from dupstudio.core.config import COL_GROUPS, Config, validate
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
 from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape
+from dupstudio.core.safeio import atomic_write_bytes, make_temp_dir, remove_stale, user_io
 
 FORMATS = ("mlx-lm",)
 MODEL_FILE = "dupstudio_llama.py"
 TEMPLATE = Path(__file__).with_name("export_model_template.py")
 WEIGHTS_FILE = "model.safetensors"
+MANIFEST_NAME = "dupstudio-export.json"  # what an export wrote; --overwrite replaces only that
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "chat_template.jinja",
                    "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
@@ -425,123 +428,191 @@ def _summary(cfg: Config, plan: dict, acc: dict, files: dict, path: Optional[Pat
 def export_model(loaded: LoadedModel, cfg: Config, out_dir: str | Path, *,
                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
                  ppl: Any = None, fmt: str = "mlx-lm", dtype: str = "float16",
-                 overwrite: bool = False, require_standard: bool = False) -> dict:
+                 overwrite: bool = False, require_standard: bool = False,
+                 inputs: tuple = ()) -> dict:
     """Write an mlx-lm model folder for (loaded, cfg) at ``out_dir``; return its size on
     disk (``bytes``), ``bits_per_weight``, ``path`` and what it needs to load.
 
     ``ppl``: a measured perplexity to state in the README (a number, a dict with ``ppl``
     and optionally ``windows``/``ctx``/``ppl_ci95``, or an evaluate.EvalResult).
-    ``overwrite``: replace an existing non-empty ``out_dir`` (otherwise refused).
+    ``overwrite``: replace a previous export at ``out_dir`` — only the files its manifest
+    (``dupstudio-export.json``) lists; other files there are kept. A folder without a manifest
+    is refused, and so is replacing any of ``inputs`` (the configuration and its sidecar) or
+    the model folder itself.
     ``require_standard``: refuse configurations that need the custom model file."""
     import mlx.core as mx
 
-    from dupstudio.core.model_io import block_linears
-    from dupstudio.core.replicate import accounting, block_tensors, embedding_modules
+    from dupstudio.core.replicate import accounting
 
     progress, cancel = ensure(progress, cancel)
     plan = _plan(loaded, cfg, fmt, dtype, require_standard)
     ppl = _norm_ppl(ppl)
     out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise DupstudioError(f"{out_dir}: already exists and is not empty (choose another folder "
-                             f"or overwrite it)")
     tok_files = _tokenizer_files(loaded)
+    names = [WEIGHTS_FILE, "config.json", "README.md", MANIFEST_NAME] + [f.name for f in tok_files]
+    names += [MODEL_FILE] if plan["replicated"] else []
+    old = _check_target(out_dir, names, overwrite, [loaded.path, *inputs])
     acc = accounting(cfg, plan["shape"])
-    mdt = getattr(mx, dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_hidden_dir(out_dir, "partial")
+    remove_stale(out_dir.parent)
+    tmp = make_temp_dir(out_dir, "partial")
     try:
-        weights: dict = {}
-        _, qmap = _layout(loaded, cfg, plan, dtype)
-        lin = block_linears(loaded.model)
-        n = len(cfg.blocks)
-        for k, spec in enumerate(cfg.blocks):
+        with user_io(out_dir):
+            weights = _export_weights(loaded, cfg, plan, getattr(mx, dtype), progress, cancel)
             cancel.check()
-            bt = block_tensors(loaded, cfg, k, float_weights=lin[k])
-            new = {}
-            if plan["replicated"]:
-                for m in MATRIX_NAMES:
-                    new[f"model.layers.{k}.codes.{m}"] = bt.packed[m]
-                pres = [f"model.layers.{k}.replicas.{i}" for i in range(spec.replicas)]
-            else:
-                for m in MATRIX_NAMES:
-                    new[f"model.layers.{k}.{_parent(m)}.{m}.weight"] = bt.packed[m]
-                pres = [f"model.layers.{k}"]
-            for i, p in enumerate(pres):
-                for m in MATRIX_NAMES:
-                    new[f"{p}.{_parent(m)}.{m}.scales"] = bt.scales[i][m].astype(mx.float16)
-                    new[f"{p}.{_parent(m)}.{m}.biases"] = bt.biases[i][m].astype(mx.float16)
-                new[f"{p}.input_layernorm.weight"] = bt.norms[i][0].astype(mdt)
-                new[f"{p}.post_attention_layernorm.weight"] = bt.norms[i][1].astype(mdt)
-            mx.eval(new)
-            weights.update(new)
-            progress(0.9 * (k + 1) / n, f"prepared block {k + 1}/{n}")
-        cancel.check()
-        emb, head = embedding_modules(loaded, cfg, "deploy", mdt)
-        for prefix, mod in (("model.embed_tokens", emb), ("lm_head", head)):
-            if mod is None:
-                continue
-            weights[f"{prefix}.weight"] = mod.weight
-            if hasattr(mod, "scales"):
-                weights[f"{prefix}.scales"] = mod.scales
-                weights[f"{prefix}.biases"] = mod.biases
-        weights["model.norm.weight"] = loaded.model.model.norm.weight.astype(mdt)
-        mx.eval(weights)
-        cancel.check()
-        progress(0.92, f"writing {WEIGHTS_FILE}")
-        mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
-        del weights
-        cancel.check()
-        conf = _config_json(loaded, cfg, plan, qmap, dtype, acc)
-        (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-        if plan["replicated"]:
-            shutil.copyfile(TEMPLATE, tmp / MODEL_FILE)
-        for f in tok_files:
-            shutil.copyfile(f, tmp / f.name)
-        wbytes = (tmp / WEIGHTS_FILE).stat().st_size
-        (tmp / "README.md").write_text(_readme(loaded, cfg, plan, acc, dtype, wbytes, ppl,
-                                               out_dir.name))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        cancel.check()
-        progress(0.98, "moving the export into place")
-        _move_into_place(tmp, out_dir, overwrite)
+            progress(0.92, f"writing {WEIGHTS_FILE}")
+            atomic_write_bytes(tmp / WEIGHTS_FILE,
+                               lambda f: mx.save_safetensors(f, weights, metadata={"format": "mlx"}))
+            del weights
+            cancel.check()
+            _write_text_files(tmp, loaded, cfg, plan, acc, dtype, ppl, tok_files, out_dir.name)
+            files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+            atomic_write_bytes(tmp / MANIFEST_NAME, _manifest(files))
+            cancel.check()
+            progress(0.98, "moving the export into place")
+            _move_into_place(tmp, out_dir, old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    files = {f.name: f.stat().st_size for f in sorted(out_dir.iterdir()) if f.is_file()}
+    files = {n: (out_dir / n).stat().st_size for n in names}
     progress(1.0, f"exported to {out_dir}")
     return _summary(cfg, plan, acc, files, out_dir, dtype)
 
 
-def _make_hidden_dir(out_dir: Path, what: str) -> Path:
-    """A new hidden sibling ``.NAME.what-XXXXXXXX`` (mode from the umask, unlike mkdtemp's 0700)."""
-    for _ in range(100):
-        p = out_dir.parent / f".{out_dir.name}.{what}-{secrets.token_hex(4)}"
-        try:
-            p.mkdir()
-            return p
-        except FileExistsError:
-            continue
-    raise DupstudioError(f"{out_dir.parent}: cannot create a temporary folder")
+def _export_weights(loaded: LoadedModel, cfg: Config, plan: dict, mdt, progress, cancel) -> dict:
+    """Every tensor of the export (evaluated), block by block."""
+    import mlx.core as mx
 
+    from dupstudio.core.model_io import block_linears
+    from dupstudio.core.replicate import block_tensors, embedding_modules
 
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        elif overwrite:
-            old = _make_hidden_dir(out_dir, "old")
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            return
+    weights: dict = {}
+    lin = block_linears(loaded.model)
+    n = len(cfg.blocks)
+    for k, spec in enumerate(cfg.blocks):
+        cancel.check()
+        bt = block_tensors(loaded, cfg, k, float_weights=lin[k])
+        new = {}
+        if plan["replicated"]:
+            for m in MATRIX_NAMES:
+                new[f"model.layers.{k}.codes.{m}"] = bt.packed[m]
+            pres = [f"model.layers.{k}.replicas.{i}" for i in range(spec.replicas)]
         else:
-            raise DupstudioError(f"{out_dir}: already exists and is not empty")
-    os.replace(tmp, out_dir)
+            for m in MATRIX_NAMES:
+                new[f"model.layers.{k}.{_parent(m)}.{m}.weight"] = bt.packed[m]
+            pres = [f"model.layers.{k}"]
+        for i, p in enumerate(pres):
+            for m in MATRIX_NAMES:
+                new[f"{p}.{_parent(m)}.{m}.scales"] = bt.scales[i][m].astype(mx.float16)
+                new[f"{p}.{_parent(m)}.{m}.biases"] = bt.biases[i][m].astype(mx.float16)
+            new[f"{p}.input_layernorm.weight"] = bt.norms[i][0].astype(mdt)
+            new[f"{p}.post_attention_layernorm.weight"] = bt.norms[i][1].astype(mdt)
+        mx.eval(new)
+        weights.update(new)
+        progress(0.9 * (k + 1) / n, f"prepared block {k + 1}/{n}")
+    cancel.check()
+    emb, head = embedding_modules(loaded, cfg, "deploy", mdt)
+    for prefix, mod in (("model.embed_tokens", emb), ("lm_head", head)):
+        if mod is None:
+            continue
+        weights[f"{prefix}.weight"] = mod.weight
+        if hasattr(mod, "scales"):
+            weights[f"{prefix}.scales"] = mod.scales
+            weights[f"{prefix}.biases"] = mod.biases
+    weights["model.norm.weight"] = loaded.model.model.norm.weight.astype(mdt)
+    mx.eval(weights)
+    return weights
+
+
+def _write_text_files(tmp: Path, loaded: LoadedModel, cfg: Config, plan: dict, acc: dict,
+                      dtype: str, ppl: Optional[dict], tok_files: list, name: str) -> None:
+    """config.json, the model file (replicated layout), the tokenizer files and the README."""
+    _, qmap = _layout(loaded, cfg, plan, dtype)
+    conf = _config_json(loaded, cfg, plan, qmap, dtype, acc)
+    atomic_write_bytes(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
+    copies = ([TEMPLATE] if plan["replicated"] else []) + list(tok_files)
+    for f in copies:
+        target = tmp / (MODEL_FILE if f == TEMPLATE else f.name)
+        with user_io(f, "read"):
+            data = f.read_bytes()
+        atomic_write_bytes(target, data)
+    wbytes = (tmp / WEIGHTS_FILE).stat().st_size
+    readme = _readme(loaded, cfg, plan, acc, dtype, wbytes, ppl, name)
+    atomic_write_bytes(tmp / "README.md", readme.encode())
+
+
+# --------------------------------------------------------------------------- the target folder
+def _manifest(files: dict) -> bytes:
+    doc = {"format": EXPORT_FORMAT_VERSION, "written_by": "dupstudio export", "files": files}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def _read_manifest(out_dir: Path) -> Optional[set]:
+    """The file names a previous export wrote into ``out_dir`` (None: not an export)."""
+    try:
+        doc = json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files = doc["files"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict) or not all(isinstance(n, str) and Path(n).name == n
+                                              and n not in (".", "..") for n in files):
+        return None
+    return set(files) | {MANIFEST_NAME}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_target(out_dir: Path, names: list, overwrite: bool, inputs: list) -> Optional[set]:
+    """What may be replaced in ``out_dir``: None when it is new or empty, else the names the
+    previous export wrote there. Refuses before any work is done."""
+    if any(_same_file(out_dir, p) for p in inputs):
+        raise DupstudioError(f"{out_dir}: is an input of this export (the model folder); "
+                             f"choose another output folder")
+    if not out_dir.exists():
+        return None
+    if not out_dir.is_dir():
+        raise DupstudioError(f"{out_dir}: exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return None
+    if not overwrite:
+        raise DupstudioError(f"{out_dir}: already exists and is not empty (choose another folder "
+                             f"or overwrite it)")
+    old = _read_manifest(out_dir)
+    if old is None:
+        raise DupstudioError(f"{out_dir}: not a dupstudio export (no readable {MANIFEST_NAME}); "
+                             f"--overwrite replaces only what dupstudio wrote, so choose an empty "
+                             f"or new folder")
+    for name in sorted(old | set(names)):
+        p = out_dir / name
+        if any(_same_file(p, q) for q in inputs):
+            raise DupstudioError(f"{p}: is an input of this export; --overwrite would replace it "
+                                 f"(choose another output folder)")
+        if name not in old and (p.exists() or p.is_symlink()):
+            raise DupstudioError(f"{p}: was not written by dupstudio; refusing to replace it")
+    return old
+
+
+def _move_into_place(tmp: Path, out_dir: Path, old: Optional[set]) -> None:
+    """A new (or empty) folder: rename ``tmp`` into place. A previous export: replace its files
+    one by one, leaving every other file in the folder alone. The manifest first lists the
+    union of old and new names, so an interrupted replacement still knows what is dupstudio's."""
+    if old is None:
+        if out_dir.is_dir():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+        return
+    new = {f.name for f in tmp.iterdir()}
+    atomic_write_bytes(out_dir / MANIFEST_NAME, _manifest({n: 0 for n in sorted(old | new)}))
+    for name in sorted(new - {MANIFEST_NAME}):
+        os.replace(tmp / name, out_dir / name)
+    for name in sorted(old - new):
+        try:
+            (out_dir / name).unlink()
+        except FileNotFoundError:
+            pass
+    os.replace(tmp / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -72,7 +72,7 @@ def temp_sibling(target: Path, kind: str = "tmp", suffix: str = "") -> Path:
 def make_temp_dir(target: Path, kind: str = "partial") -> Path:
     """Create a hidden sibling folder of ``target`` (mode from the umask, unlike mkdtemp's 0700)."""
     target = Path(target)
-    with user_io(target.parent, "create a folder in"):
+    with user_io(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             p = temp_sibling(target, kind)
@@ -276,8 +276,11 @@ def _check_tensor_entry(path: Path, name: str, info, data_bytes: int) -> None:
         count = min(count, data_bytes + 1)  # past the file size already: no need to grow
     if not isinstance(offs, list) or len(offs) != 2:
         raise DupstudioError(f"{where}: data_offsets must be [begin, end]")
-    begin = check_int(offs[0], f"{where}: data_offsets", 0, data_bytes)
-    end = check_int(offs[1], f"{where}: data_offsets", begin, data_bytes)
+    begin = check_int(offs[0], f"{where}: data_offsets", 0, 1 << 62)
+    end = check_int(offs[1], f"{where}: data_offsets", begin, 1 << 62)
+    if end > data_bytes:
+        raise DupstudioError(f"{where}: its data ends at byte {end} of the data section but the "
+                             f"file holds only {data_bytes} (truncated?)")
     if end - begin != count * width:
         raise DupstudioError(f"{where}: {end - begin} bytes of data for shape {shape} "
                              f"({info['dtype']}); the file is corrupt or truncated")

@@ -1,10 +1,12 @@
 """Export to mlx-lm folders (tiny model): each export loads in a fresh interpreter that can import
 only mlx/mlx-lm, gives dupstudio's deploy logits, generates, and shares codes between replicas."""
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -261,14 +263,18 @@ def test_half_written_export_never_looks_complete(tmp_path, tiny_loaded, shape, 
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o777 & ~umask
-    # a failure while writing (here: copying the tokenizer) removes the partial folder
+    # a failure while writing (here: the disk fills up at the tokenizer) removes the partial folder
     import dupstudio.core.export as E
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    real = E.atomic_write_bytes
 
-    monkeypatch.setattr(E.shutil, "copyfile", boom)
-    with pytest.raises(OSError):
+    def full(path, data, **kw):
+        if Path(path).name == "tokenizer.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(E, "atomic_write_bytes", full)
+    with pytest.raises(DupstudioError, match="out2: cannot write: the disk is full"):
         export_model(tiny_loaded, cfg, tmp_path / "out2")
     assert os.listdir(tmp_path) == ["out"]
 
@@ -279,9 +285,53 @@ def test_existing_folder_refused_unless_overwrite(tmp_path, tiny_loaded, shape):
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(DupstudioError, match="not empty"):
         export_model(tiny_loaded, cfg, tmp_path / "out")
-    r = export_model(tiny_loaded, cfg, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and r["bytes"] > 0
+    # not an export: --overwrite refuses rather than deleting the folder
+    with pytest.raises(DupstudioError, match="not a dupstudio export"):
+        export_model(tiny_loaded, cfg, tmp_path / "out", overwrite=True)
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_overwrite_replaces_only_what_the_export_wrote(tmp_path, tiny_loaded, shape):
+    out = tmp_path / "out"
+    export_model(tiny_loaded, C.new_config(shape, replicas=2), out)
+    assert (out / MODEL_FILE).exists() and (out / "dupstudio-export.json").exists()
+    (out / "notes.txt").write_text("mine")
+    cfg_path = C.save(C.new_config(shape), out / "exp.json")
+    r = export_model(tiny_loaded, C.new_config(shape), out, overwrite=True, inputs=(cfg_path,))
+    assert (out / "notes.txt").read_text() == "mine" and cfg_path.exists()
+    assert not (out / MODEL_FILE).exists() and not r["trust_remote_code"]
+    assert MODEL_FILE not in json.loads((out / "dupstudio-export.json").read_text())["files"]
     assert os.listdir(tmp_path) == ["out"]
+    # an input listed in the manifest (a config saved over an exported file) is never replaced
+    C.save(C.new_config(shape), out / "README.md")
+    with pytest.raises(DupstudioError, match="README.md: is an input of this export"):
+        export_model(tiny_loaded, C.new_config(shape), out, overwrite=True, inputs=(out / "README.md",))
+    # a file dupstudio did not write, under a name the export uses, is not replaced
+    (out / "tokenizer.json").unlink()
+    (out / "dupstudio-export.json").write_text(json.dumps({"files": {"model.safetensors": 1}}))
+    (out / "tokenizer.json").write_text("{}")
+    with pytest.raises(DupstudioError, match="was not written by dupstudio"):
+        export_model(tiny_loaded, C.new_config(shape), out, overwrite=True)
+    with pytest.raises(DupstudioError, match="is an input of this export"):
+        export_model(tiny_loaded, C.new_config(shape), tiny_loaded.path, overwrite=True)
+
+
+def test_litter_of_a_killed_export_is_removed(tmp_path, tiny_loaded, shape, capsys):
+    import subprocess
+    import sys
+
+    from dupstudio.core import safeio
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    for kind in ("partial", "old"):
+        d = tmp_path / f".out.{kind}-{child.pid}-0123abcd"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    safeio._swept.discard(str(tmp_path.absolute()))
+    export_model(tiny_loaded, C.new_config(shape), tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"]
+    assert "removed 2 temporary file(s)" in capsys.readouterr().err
 
 
 def test_refusals_name_the_block_or_tensor(tiny_loaded, shape, tmp_path):
