@@ -71,3 +71,34 @@ def default_calibration_text() -> Path:
     from dupstudio.resources_path import resource
 
     return resource("calibration/wikitext2-valid-excerpt.txt")
+
+
+def check_ranges(args, **limits) -> None:
+    """Refuse option values outside their range before any work: ``name=(lo, hi, reason)``
+    (``lo``/``hi`` None: unbounded). NaN and infinities are refused too. One-line errors that
+    name the flag, the value and why."""
+    import math
+
+    from dupstudio.core.jobs import DupstudioError
+
+    for name, (lo, hi, reason) in limits.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DupstudioError(f"{flag} must be a finite number (got {v}): {reason}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            bound = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                     else f"at least {lo}" if lo is not None else f"at most {hi}")
+            raise DupstudioError(f"{flag} must be {bound} (got {v}): {reason}")
+
+
+def check_context(loaded, ctx: int, flag: str = "--ctx") -> None:
+    """A window of ``ctx`` tokens must fit the model's positions (MLX fails hard beyond)."""
+    from dupstudio.core.jobs import DupstudioError
+
+    limit = loaded.config.get("max_position_embeddings")
+    if isinstance(limit, int) and not isinstance(limit, bool) and ctx > limit:
+        raise DupstudioError(f"{flag} {ctx} is longer than the model's context of {limit} tokens "
+                             f"(max_position_embeddings in {loaded.path / 'config.json'})")

@@ -54,6 +54,7 @@ def run(args) -> int:
 def _run(args, dist) -> int:
     import mlx.core as mx
 
+    from dupstudio.commands._common import check_context, check_ranges
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
     from dupstudio.core.evaluate import evaluate, make_windows, provenance, read_text, tokenize
@@ -63,6 +64,10 @@ def _run(args, dist) -> int:
     from dupstudio.core.streaming import (available_memory, estimate_peak_memory,
                                           evaluate_streamed, human_bytes)
 
+    check_ranges(args, windows=(1, None, "the number of evaluation windows"),
+                 ctx=(2, None, "a window needs a token and the one that follows it"),
+                 batch=(1, None, "the number of windows evaluated together"),
+                 dist_timeout=(1e-3, None, "seconds a rank waits for the others"))
     text = read_text(args.text)
     root = dist.is_root
     cfg = None
@@ -84,6 +89,7 @@ def _run(args, dist) -> int:
     else:
         loaded = _open_lazy(args.model, quiet=not root)
         bpw = 16.0
+    check_context(loaded, args.ctx)
     windows = make_windows(tokenize(loaded.tokenizer, text), args.ctx, args.windows,
                            what=f"text {args.text}")
     want_ref = cfg is not None and not args.no_kl

@@ -46,16 +46,13 @@ def load_for_generation(args):
 
 
 def run(args) -> int:
+    from dupstudio.commands._common import check_ranges
     from dupstudio.core.generate import generate_stream
-    from dupstudio.core.jobs import DupstudioError
 
+    check_ranges(args, max_tokens=(1, None, "the number of tokens to generate"),
+                 temp=(0.0, None, "the sampling temperature (0 = greedy)"),
+                 top_p=(0.0, 1.0, "the nucleus sampling threshold (0 = off)"))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if args.max_tokens < 1:
-        raise DupstudioError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    if args.temp < 0:
-        raise DupstudioError(f"--temp must be >= 0 (got {args.temp})")
-    if not 0.0 <= args.top_p <= 1.0:
-        raise DupstudioError(f"--top-p must be between 0 and 1 (got {args.top_p})")
     model, tokenizer = load_for_generation(args)
     last = None
     for chunk in generate_stream(model, tokenizer, prompt, args.max_tokens, chat=args.chat,

@@ -76,7 +76,11 @@ def write_plot(df, path: Path, title: str = "") -> Path:
 def run(args) -> int:
     import pandas as pd
 
-    from dupstudio.commands._common import default_calibration_text, open_model_quiet
+    from dupstudio.commands._common import check_ranges, default_calibration_text, open_model_quiet
+
+    check_ranges(args, kl_windows=(1, None, "windows the KL is measured on"),
+                 steps=(1, None, "Adam steps per block"), seqs=(1, None, "calibration sequences"),
+                 seq_len=(2, None, "tokens per sequence"), batch=(1, None, "sequences per step"))
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core.calibrate import settings_from
     from dupstudio.core.evaluate import make_windows, read_text, tokenize

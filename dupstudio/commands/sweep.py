@@ -334,7 +334,15 @@ def _run(args, dist) -> int:
     import math
     import time
 
-    from dupstudio.commands._common import default_calibration_text, open_model_quiet
+    from dupstudio.commands._common import check_ranges, default_calibration_text, open_model_quiet
+
+    check_ranges(args, windows=(1, None, "the number of evaluation windows"),
+                 ctx=(2, None, "a window needs a token and the one that follows it"),
+                 batch=(1, None, "windows evaluated together"), steps=(1, None, "Adam steps per block"),
+                 seqs=(1, None, "calibration sequences"), seq_len=(2, None, "tokens per sequence"),
+                 kl_windows=(1, None, "windows the search's KL uses"),
+                 max_refine=(0, None, "refinement trials"),
+                 dist_timeout=(1e-3, None, "seconds a rank waits for the others"))
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import settings_from
