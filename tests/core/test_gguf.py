@@ -411,3 +411,42 @@ def test_info_on_a_patched_gguf_is_one_line_and_bounded(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
     assert len(lines) == 1 and "block_count is 4000000000" in lines[0]
+
+
+def test_disk_full_during_conversion_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    p = write_tiny_gguf(tmp_path / "tiny.gguf")
+    real = gguf.atomic_write_bytes
+
+    def full(path, data, **kw):
+        if Path(path).name == gguf.WEIGHTS_NAME:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(gguf, "atomic_write_bytes", full)
+    with pytest.raises(DupstudioError, match="out: cannot write: the disk is full"):
+        gguf.convert_gguf(p, tmp_path / "out")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["tiny.gguf"]
+
+
+def test_killed_conversions_litter_is_removed(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from dupstudio.core import model_io, safeio
+
+    monkeypatch.setenv("DUPSTUDIO_HOME", str(tmp_path / "home"))
+    models = model_io.models_dir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = models / f".tiny-0123456789ab.partial-{child.pid}-0123abcd"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = models / f".other.partial-{os.getpid()}-0123abcd"
+    live.mkdir()
+    safeio._swept.discard(str(models.absolute()))
+    out = model_io.ensure_converted(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    assert not stale.exists() and live.exists() and gguf.is_complete_conversion(out)
+    err = capsys.readouterr().err
+    assert err.count("removed 1 temporary file(s)") == 1 and stale.name in err
