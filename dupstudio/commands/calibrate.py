@@ -1,4 +1,9 @@
-"""``dupstudio calibrate cfg.json --text FILE --method stats|grid|adam --steps N --out OUT``.
+"""``dupstudio calibrate cfg.json --text FILE --codes rtn|gptq --method stats|grid|adam|e2e --out OUT``.
+
+Stages: codes (round-to-nearest, or GPTQ on the quantized model's own inputs), the block-wise
+method (scales, biases and gains over those codes), then optionally ``--e2e-steps N`` of the
+end-to-end KL stage over the whole model; ``--method e2e`` runs only that last stage on a
+configuration as it stands.
 
 Ctrl-C stops the run without leaving a half-written output; finished blocks are kept in
 ``OUT.partial/`` and a rerun with the same settings resumes there. ``--stream`` holds one
@@ -17,12 +22,27 @@ def register(subparsers) -> None:
     p.add_argument("config")
     p.add_argument("--text", default=None, help="UTF-8 calibration text (default: the shipped excerpt "
                    "of WikiText-2 validation)")
-    p.add_argument("--preset", default="fast", choices=["fast", "full"],
-                   help="fast: ≤10 min on 2 CPU cores for the default model; full: the reference recipe")
-    p.add_argument("--method", default=None, choices=["stats", "grid", "adam"])
+    from dupstudio.core.calibrate import CODE_METHODS, METHODS, PRESET_HELP
+
+    p.add_argument("--preset", default="fast", choices=list(PRESET_HELP),
+                   help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+    p.add_argument("--method", default=None, choices=list(METHODS),
+                   help="block-wise method, or e2e: only the end-to-end stage")
+    p.add_argument("--codes", default=None, choices=list(CODE_METHODS),
+                   help="rtn: round-to-nearest codes; gptq: codes chosen by error feedback through "
+                        "each layer's input Hessian, measured on the quantized model's own inputs")
+    p.add_argument("--gptq-damp", type=float, default=None,
+                   help="GPTQ dampening, a share of the Hessian's mean diagonal (default 0.01)")
+    p.add_argument("--act-order", action="store_true",
+                   help="GPTQ: visit columns in order of decreasing input energy")
+    p.add_argument("--e2e-steps", type=int, default=None,
+                   help="end-to-end KL steps after the block-wise pass (0: none)")
+    p.add_argument("--e2e-lr", type=float, default=None, help="end-to-end learning rate")
+    p.add_argument("--e2e-seqs", default=None,
+                   help="sequences of the text for the end-to-end stage, or 'all' (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="Adam steps per block")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seqs", type=int, default=None, help="calibration sequences")
+    p.add_argument("--seqs", type=int, default=None, help="calibration sequences (block-wise pass)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--init", default=None, choices=["closed_form", "rtn"])
@@ -46,19 +66,35 @@ def run(args) -> int:
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import calibrate, settings_from
     from dupstudio.core.evaluate import make_windows, read_text, text_sha256, tokenize
+    from dupstudio.core.jobs import DupstudioError
 
+    e2e_seqs = args.e2e_seqs
+    if e2e_seqs is not None and e2e_seqs != "all":
+        try:
+            e2e_seqs = int(e2e_seqs)
+        except ValueError:
+            raise DupstudioError(f"--e2e-seqs must be a whole number or 'all', got {e2e_seqs!r}") from None
+        if e2e_seqs < 1:
+            raise DupstudioError(f"--e2e-seqs must be at least 1 (or 'all'), got {e2e_seqs}")
     settings = settings_from(args.preset, method=args.method, steps=args.steps, lr=args.lr,
                              seqs=args.seqs, seq_len=args.seq_len, batch=args.batch, init=args.init,
                              gains=args.gains or None, residual_gain=args.residual_gain or None,
-                             incremental=False if args.no_incremental else None)
+                             incremental=False if args.no_incremental else None, codes=args.codes,
+                             gptq_damp=args.gptq_damp, gptq_act_order=args.act_order or None,
+                             e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                             e2e_seqs=0 if e2e_seqs == "all" else e2e_seqs)
     from dupstudio.core.streaming import (available_memory, estimate_calibration_memory,
                                           memory_line, pick_stream)
 
     cfg, loaded = load_config_and_model(args.config, args.model, lazy=True)
     text_path = Path(args.text) if args.text else default_calibration_text()
     text = read_text(text_path)
-    toks = make_windows(tokenize(loaded.tokenizer, text), settings.seq_len, settings.seqs,
-                        what=f"calibration text {text_path}")
+    # the block-wise pass takes the first ``seqs`` windows; the end-to-end stage may take more
+    n_win = settings.seqs
+    if settings.e2e_steps or settings.method == "e2e":
+        n_win = None if not settings.e2e_seqs else max(settings.seqs, settings.e2e_seqs)  # None: all
+    all_toks = tokenize(loaded.tokenizer, text)
+    toks = make_windows(all_toks, settings.seq_len, n_win, what=f"calibration text {text_path}")
     blocks = C.parse_layers(args.blocks, len(cfg.blocks)) if args.blocks else None
     est = estimate_calibration_memory(loaded.config, cfg, settings.seqs, settings.seq_len, settings,
                                       checkpoint=True)  # finished blocks are read back from OUT.partial
@@ -82,6 +118,7 @@ def run(args) -> int:
     progress.close()
     new.provenance["calibration"]["text"] = str(text_path)
     new.provenance["calibration"]["text_sha256"] = text_sha256(text)
+    new.provenance["calibration"]["tokens_in_text"] = int(len(all_toks))
     C.save(new, out)
     shutil.rmtree(ck, ignore_errors=True)
     acc = [b.calibration for b in new.blocks if b.calibration]

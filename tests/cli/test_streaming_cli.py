@@ -105,3 +105,33 @@ def test_quant_report_stream_and_no_stream_agree(tiny_model_dir, tmp_path, capsy
     assert main(["quant-report", str(tiny_model_dir), "--json", str(tmp_path / "auto.json")]) == 0
     assert _memory_line(capsys.readouterr().err).endswith("-> streamed")
     assert json.loads((tmp_path / "auto.json").read_text())["settings"]["streamed"] is True
+
+
+def test_calibrate_pipeline_gptq_codes_then_end_to_end(files, tmp_path, capsys):
+    """--codes gptq --e2e-steps N runs both stages and records them; the end-to-end stage draws
+    on the whole text (--e2e-seqs all), more than the block-wise pass's --seqs."""
+    out = tmp_path / "cal.json"
+    assert _calibrate(files, out, "--no-stream", "--codes", "gptq", "--e2e-steps", "2",
+                      "--e2e-seqs", "all") == 0
+    cal = json.loads(out.read_text())["provenance"]["calibration"]
+    assert cal["settings"]["codes"] == "gptq" and cal["settings"]["e2e_steps"] == 2
+    assert cal["end_to_end"]["steps"] == 2
+    assert cal["tokens"] == 6 * 32  # the block-wise pass: --seqs windows
+    assert cal["end_to_end"]["tokens"] > 6 * 32  # the whole text's windows
+    # streaming cannot hold the end-to-end stage: it is skipped with a message, not silently
+    out2 = tmp_path / "cal2.json"
+    assert _calibrate(files, out2, "--stream", "--e2e-steps", "2") == 0
+    assert "end-to-end stage needs the whole model in memory" in capsys.readouterr().err
+    assert "skipped" in json.loads(out2.read_text())["provenance"]["calibration"]["end_to_end"]
+
+
+@pytest.mark.parametrize("flags,msg", [(["--e2e-seqs", "0"], "at least 1"),
+                                       (["--e2e-seqs", "x"], "whole number"),
+                                       (["--codes", "gptq", "--gptq-damp", "-1"], "out of range")])
+def test_calibrate_refuses_bad_pipeline_values(files, tmp_path, capsys, flags, msg):
+    from dupstudio.cli import main
+
+    rc = main(["calibrate", str(files / "cfg.json"), "--text", str(files / "t.txt"), *CAL,
+               "--out", str(tmp_path / "x.json"), *flags])
+    assert rc == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
