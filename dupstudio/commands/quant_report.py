@@ -111,19 +111,19 @@ def tidy_frame(report):
 
 @contextlib.contextmanager
 def _open_out(path: str):
-    """A writable text stream for ``path``; ``-`` is stdout (left open)."""
-    from dupstudio.core.jobs import DupstudioError
+    """A writable text stream for ``path``; ``-`` is stdout (left open). A file is written
+    atomically when the block ends (the previous file stays intact on any failure)."""
+    import io
+
+    from dupstudio.core.safeio import atomic_write_bytes
 
     if path == "-":
         yield sys.stdout
         sys.stdout.flush()
         return
-    try:
-        f = open(path, "w", encoding="utf-8", newline="")
-    except OSError as e:
-        raise DupstudioError(f"{path}: cannot write ({e.strerror or e})") from e
-    with f:
-        yield f
+    buf = io.StringIO(newline="")
+    yield buf
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def _config_json(loaded) -> dict:

@@ -77,6 +77,7 @@ def run(args) -> int:
     import pandas as pd
 
     from dupstudio.commands._common import check_ranges, default_calibration_text, open_model_quiet
+    from dupstudio.core.safeio import atomic_write_bytes
 
     check_ranges(args, kl_windows=(1, None, "windows the KL is measured on"),
                  steps=(1, None, "Adam steps per block"), seqs=(1, None, "calibration sequences"),
@@ -115,9 +116,8 @@ def run(args) -> int:
                          progress=progress)
     finally:
         progress.close()
-    out.mkdir(parents=True, exist_ok=True)
     cols = [c for c in COLUMNS if c in df.columns]
-    df[cols].to_csv(out / "sensitivity.csv", index=False)
+    atomic_write_bytes(out / "sensitivity.csv", df[cols].to_csv(index=False).encode())
     kw = min(args.kl_windows, len(cal))
     title = title_of(loaded, args.bits, args.group_size, None if args.no_replica else args.mode, kw)
     png = write_plot(df, out / "sensitivity.png", title)
