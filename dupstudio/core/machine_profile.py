@@ -56,7 +56,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -747,12 +746,11 @@ def profile_path() -> Path:
 
 
 def save(prof: HardwareProfile, path: Optional[Path] = None) -> Path:
+    from dupstudio.core.safeio import atomic_write_bytes
+
     path = Path(path) if path else profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = _finite({"schema": SCHEMA, "name": prof.name, **prof.to_json()})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(doc, indent=2, allow_nan=False).encode())
     return path
 
 
