@@ -35,7 +35,7 @@ from PySide6.QtWidgets import (
 )
 
 from dupstudio.core.jobs import DupstudioError
-from dupstudio.gui import tasks
+from dupstudio.gui import tasks, theme
 from dupstudio.gui.panels.calibration import CalibrationPanel
 from dupstudio.gui.panels.distributions import DistributionsPanel
 from dupstudio.gui.panels.evaluation import EvaluationPanel
@@ -45,6 +45,7 @@ from dupstudio.gui.panels.model import ModelPanel
 from dupstudio.gui.panels.roofline import RooflinePanel
 from dupstudio.gui.panels.sensitivity import SensitivityPanel
 from dupstudio.gui.project import Project, baseline_config, common_group_sizes, snapshot
+from dupstudio.gui.text import user_message
 from dupstudio.gui.widgets import Banner, PathEdit, fmt_seconds
 from dupstudio.gui.worker import BACKGROUND, JobRunner
 
@@ -76,7 +77,7 @@ def _finish_form(dialog, form, note: str, ok_text: str) -> None:
     if note:
         lab = QLabel(note)
         lab.setWordWrap(True)
-        lab.setStyleSheet("QLabel { color: #666; }")
+        lab.setStyleSheet(theme.muted_css())
         form.addRow(lab)
     bb = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
     bb.button(QDialogButtonBox.Ok).setText(ok_text)
@@ -115,7 +116,7 @@ class NewConfigDialog(QDialog):
         form.addRow("Bits", self.bits)
         form.addRow("Group size", self.group)
         note = QLabel(f"(group sizes that divide every row of this model: {', '.join(map(str, sizes))})")
-        note.setStyleSheet("QLabel { color: #666; }")
+        note.setStyleSheet(theme.muted_css())
         form.addRow(note)
         form.addRow("Scale/zero strategy", self.strategy)
         form.addRow("Replicas K (every block)", self.replicas)
@@ -214,7 +215,7 @@ class MainWindow(QMainWindow):
     sensitivity_finished = Signal(str)  # "done", "cancelled" or "failed"
 
     def __init__(self, model: Optional[str] = None, *, autoload: bool = True,
-                 settings: Optional[QSettings] = None) -> None:
+                 settings: Optional[QSettings] = None, remember_models: bool = True) -> None:
         super().__init__()
         self.settings = settings if settings is not None else default_settings()
         self.setWindowTitle("dupstudio")
@@ -222,6 +223,9 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.description: Optional[dict] = None
         self.error_message: Optional[str] = None
+        self._error_seq = 0  # bumps on every error shown
+        self._error_at_start: dict = {}  # job id -> _error_seq when it started
+        self.remember_models = remember_models  # False: opened models stay out of Recent models
         self._loading = False
         self._progress_status = None
         self._closing_after_save = False
@@ -267,14 +271,18 @@ class MainWindow(QMainWindow):
         self.panel.open_source.connect(self.load_model)
         self.panel.open_recent.connect(self.load_model)
         self.layers.model.edit_failed.connect(self.show_error)
-        self.layers.view.doubleClicked.connect(lambda _i: None)
+        self.layers.status.connect(self.show_status)
         self.layers.view.selectionModel().currentRowChanged.connect(
             lambda cur, _prev: cur.isValid() and self.distributions.show_block(cur.row()))
+        self.layers.view.selectionModel().selectionChanged.connect(
+            lambda *_: self.calibration.update_block_choice())
+        self.layers.model.modelReset.connect(self.calibration.update_block_choice)
+        self.calibration.update_block_choice()
 
         # ---------------------------------------------------------------- status bar
         self._status = QLabel("Ready")
         self._job_label = QLabel("")
-        self._job_label.setStyleSheet("QLabel { color: #555; }")
+        self._job_label.setStyleSheet(theme.muted_css())
         self._bar = QProgressBar()
         self._bar.setMaximumWidth(200)
         self._bar.setTextVisible(False)
@@ -315,6 +323,7 @@ class MainWindow(QMainWindow):
         self.project.blocks_changed.connect(self._schedule_metrics)
         self.project.model_changed.connect(self._sync_actions)
         self.project.busy_changed.connect(lambda _b: self._sync_actions())
+        self.project.undo_stack.indexChanged.connect(lambda _i: self.clear_error())  # an edit succeeded
         self._metrics_pending: set = set()
         self._metrics_jobs: list = []
         self._metrics_timer = QTimer(self)
@@ -495,10 +504,23 @@ class MainWindow(QMainWindow):
 
     # ================================================================== messages
     def show_error(self, message: str) -> None:
+        """Show ``message`` once, in the banner (the status line names the failure briefly); it
+        stays until dismissed or until the next action succeeds."""
+        message = user_message(message)
         self.error_message = message
+        self._error_seq += 1
         self.banner.show_message(message, "error")
-        self._status.setText(f"Error: {message}")
+        first = message.split(": ")[0] if len(message) > 90 else message
+        self._status.setText(f"Error: {first}" if len(first) < 90 else "Error (see the message above)")
         self.error_shown.emit(message)
+
+    def clear_error(self) -> None:
+        """A later action succeeded: take down the error banner and an error status line."""
+        if self.banner.isVisible() and self.banner.kind == "error":
+            self.banner.hide()
+        self.error_message = None
+        if self._status.text().startswith("Error"):
+            self._status.setText("Ready")
 
     def show_status(self, message: str) -> None:
         self._status.setText(message)
@@ -523,6 +545,7 @@ class MainWindow(QMainWindow):
             job.cancel()
 
     def _job_started(self, job) -> None:
+        self._error_at_start[job.id] = self._error_seq
         if job.background:
             self._job_label.setText("computing weight error…")
             return
@@ -544,6 +567,9 @@ class MainWindow(QMainWindow):
             self._progress_status = self._status.text()
 
     def _job_finished(self, job) -> None:
+        seq = self._error_at_start.pop(job.id, None)
+        if job.state == "done" and not job.background and seq == self._error_seq:
+            self.clear_error()  # it succeeded, and nothing went wrong meanwhile
         if not self.runner.active_jobs(include_background=False):
             self._bar.hide()
             self._cancel.hide()
@@ -571,60 +597,68 @@ class MainWindow(QMainWindow):
             self.load_model(text.strip())
 
     def load_model(self, source: Optional[str] = None) -> bool:
-        """Open ``source`` (folder, .gguf, hub id; None: the default model) on the worker."""
+        """Open ``source`` (folder, .gguf, hub id; None: the default model) on the worker.
+
+        Nothing of the open model changes until the new one has loaded: a failed open leaves the
+        model, its configuration, the views and the undo history as they were, and says why once
+        (in the banner)."""
         if self._loading:
             return False
         if self.project.has_model and not self._may_discard():
             return False
         name = "the default model" if source in (None, "", "default") else str(source)
-        self.error_message = None
-        self.banner.hide()
-        self.panel.hide_error()
-        self.panel.clear(f"Loading {name}…")
-        self._set_loading(True, f"Loading {name}…")
-        for j in self._metrics_jobs:
-            j.cancel()
+        self.panel.set_loading(f"Opening {name}…")
+        self._set_loading(True, f"Opening {name}…")
         cache = self.build_cache
-        inner = tasks.load_model_job(source)
+        inner = tasks.load_model_job(None if source in (None, "", "default") else source)
 
         def job(progress, cancel):
-            cache.clear()  # free the previous model's built copy (on the worker)
-            return inner(progress, cancel)
+            result = inner(progress, cancel)
+            cache.clear()  # the previous model's built copy (on the worker), once the new one is open
+            return result
 
         self.runner.submit(job, name="open model", on_done=lambda r: self._on_model(r, source),
-                           on_error=self._on_model_error)
+                           on_error=lambda msg: self._on_model_error(msg, name))
         return True
 
     def _set_loading(self, loading: bool, message: str = "") -> None:
         self._loading = loading
         for a in (self.open_folder_action, self.open_gguf_action, self.open_default_action, self.open_hub_action):
             a.setEnabled(not loading)
+        self.recent_models_menu.setEnabled(not loading)
+        self.panel.set_busy(loading)
         if message:
             self._status.setText(message)
 
     def _on_model(self, result, source) -> None:
         loaded, d = result
+        for j in self._metrics_jobs:  # the previous model's weight errors
+            j.cancel()
         self.description = d
+        self.panel.set_loading("")
         self.panel.show_description(d)
         self.project.set_model(loaded, d)
         self._set_loading(False, f"Loaded {d['architecture']} model: {d['num_blocks']} blocks, "
                                  f"{d['parameters']:,} parameters ({loaded.path})")
-        if source not in (None, "", "default"):
-            self._add_recent("recent/models", str(source))
-            self.settings.setValue("model/last", str(source))
-        else:
-            self.settings.setValue("model/last", "")
+        if self.remember_models:
+            self._add_recent("recent/models", "default" if source in (None, "", "default") else str(source))
+            self.settings.setValue("model/last", "" if source in (None, "", "default") else str(source))
         self._update_title()
         self.model_loaded.emit(d)
 
-    def _on_model_error(self, message: str) -> None:
-        self.description = None
-        self.panel.clear("Could not open the model")
-        self.panel.show_error(message)
+    def _on_model_error(self, message: str, name: str = "the model") -> None:
+        self.panel.set_loading("")
         self._set_loading(False)
-        self.project.loaded = None
+        if message == "cancelled":
+            self.show_status(f"Opening {name} cancelled; nothing changed.")
+            self.load_failed.emit(message)
+            return
+        kept = self.project.has_model
+        self.show_error(user_message(message) + (" The open model is unchanged." if kept else ""))
+        self.show_status(f"Could not open {name}" + ("; the open model is unchanged." if kept else "."))
+        if not kept:
+            self.panel.clear("No model loaded")
         self._sync_actions()
-        self.show_error(message)
         self._update_title()
         self.load_failed.emit(message)
 
@@ -1033,18 +1067,35 @@ class MainWindow(QMainWindow):
         self.settings.setValue(key, items[:MAX_RECENT])
         self._refresh_recent_menus()
 
+    @staticmethod
+    def recent_model_text(source: str) -> str:
+        """How Recent models names an entry: the default model by name, paths shortened to ~."""
+        if source in ("default", "", None):
+            return "Default model (SmolLM2-135M-Instruct)"
+        home = str(Path.home())
+        return "~" + source[len(home):] if source.startswith(home + "/") else source
+
     def _refresh_recent_menus(self) -> None:
         for menu, key, slot in ((self.recent_models_menu, "recent/models", self.load_model),
                                 (self.recent_configs_menu, "recent/configs", self.open_configuration)):
             menu.clear()
             items = self._recent(key)
             for it in items:
-                a = menu.addAction(it)
+                a = menu.addAction(self.recent_model_text(it) if key == "recent/models" else it)
+                a.setToolTip(it)
                 a.triggered.connect(lambda _c=False, it=it, slot=slot: slot(it))
-            if not items:
-                a = menu.addAction("(none)")
+            if items:
+                menu.addSeparator()
+                clear = menu.addAction("Clear this list")
+                clear.triggered.connect(lambda _c=False, key=key: self._clear_recent(key))
+            else:
+                a = menu.addAction("(none yet)")
                 a.setEnabled(False)
-        self.panel.set_recent(self._recent("recent/models"))
+        self.panel.set_recent([(self.recent_model_text(it), it) for it in self._recent("recent/models")])
+
+    def _clear_recent(self, key: str) -> None:
+        self.settings.setValue(key, [])
+        self._refresh_recent_menus()
 
     # ================================================================== title, settings, close
     def _update_title(self) -> None:
@@ -1115,6 +1166,7 @@ class MainWindow(QMainWindow):
         except RuntimeError:
             pass
         self.runner.shutdown()
+        self.project.detach()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
         if self.project.dirty and not self._closing_after_save and not self._shut:

@@ -99,40 +99,52 @@ def edited_spec(cfg: C.Config, k: int, field: str, value: Any) -> Optional[C.Blo
         spec.gains = C.default_gains(spec.replicas, spec.mode)
         spec.residual_gain = 1.0
     elif field == "gains":
-        gains = parse_gains(value, spec.replicas)
-        if spec.mode == "serial":
-            gains[0] = 1.0
+        gains = parse_gains(value, spec.replicas, spec.mode)
         if [float(x) for x in spec.gains] == gains:
             return None
         spec.gains = gains
     elif field == "residual_gain":
-        try:
-            beta = float(value)
-        except (TypeError, ValueError):
-            raise DupstudioError(f"β must be a number, not {value!r}") from None
-        if not math.isfinite(beta):
-            raise DupstudioError("β must be finite")
+        beta = parse_number(value, "β", *EDIT_RANGES["residual_gain"])
         if float(spec.residual_gain) == beta:
             return None
         spec.residual_gain = beta
     return spec
 
 
-def parse_gains(value: Any, k: int) -> list:
+#: the values a person may type into the α/w and β cells (calibration keeps them near [0, 2] too)
+EDIT_RANGES = {"gains": (0.0, 2.0), "residual_gain": (0.0, 2.0)}
+
+
+def parse_number(value: Any, name: str, lo: float, hi: float) -> float:
+    try:
+        x = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise DupstudioError(f"{name} must be a number, not “{value}”") from None
+    if not math.isfinite(x):
+        raise DupstudioError(f"{name} must be a finite number")
+    if not lo <= x <= hi:
+        raise DupstudioError(f"{name} must be between {lo:g} and {hi:g} (got {x:g})")
+    return x
+
+
+def parse_gains(value: Any, k: int, mode: str = "parallel") -> list:
+    """The K gains typed into a cell: "1, 0.5". Serial mode: the first is the primary replica's
+    and stays 1 (anything else is refused, not silently replaced)."""
+    name = "α" if mode == "serial" else "w"
     if isinstance(value, str):
         parts = [p for p in value.replace(";", ",").replace(" ", ",").split(",") if p.strip()]
-        try:
-            gains = [float(p) for p in parts]
-        except ValueError:
-            raise DupstudioError(f"gains: write {k} numbers separated by commas, not {value!r}") from None
     else:
-        gains = [float(x) for x in value]
-    if len(gains) != k:
-        raise DupstudioError(f"gains: this block has K = {k} replicas, so {k} gains are needed "
-                             f"(got {len(gains)})")
-    if not all(math.isfinite(g) for g in gains):
-        raise DupstudioError("gains must be finite numbers")
-    return gains
+        parts = list(value)
+    if len(parts) != k:
+        example = ", ".join(["1"] + ["0.5"] * (k - 1)) if mode == "serial" else ", ".join([f"{1 / k:g}"] * k)
+        raise DupstudioError(f"this block has K = {k} replicas, so {k} value{'s' if k != 1 else ''} of {name} "
+                             f"{'are' if k != 1 else 'is'} needed, e.g. “{example}” (got {len(parts)})")
+    gains = [parse_number(p, name, -math.inf, math.inf) for p in parts]
+    if mode == "serial" and gains[0] != 1.0:
+        raise DupstudioError(f"in serial mode the first α belongs to the primary replica and is fixed at 1 "
+                             f"(got {gains[0]:g}); write “1, {', '.join(f'{g:g}' for g in gains[1:])}”")
+    lo, hi = EDIT_RANGES["gains"]
+    return [parse_number(g, name, lo, hi) for g in gains]
 
 
 def common_group_sizes(shape: dict) -> list:
@@ -219,7 +231,8 @@ class Project(QObject):
     def __init__(self, parent: Optional[QObject] = None) -> None:
         super().__init__(parent)
         self.undo_stack = QUndoStack(self)
-        self.undo_stack.cleanChanged.connect(lambda clean: self.dirty_changed.emit(not clean))
+        self._attached = True
+        self.undo_stack.cleanChanged.connect(self._clean_changed)
         self.loaded = None  # LoadedModel: opaque here; only worker jobs touch its arrays
         self.description: Optional[dict] = None
         self.shape: Optional[dict] = None
@@ -229,6 +242,22 @@ class Project(QObject):
         self.block_rev: list = []
         self.metrics: dict = {}  # block -> worker result (see tasks.block_metrics_job)
         self.locked = False
+
+    def _clean_changed(self, clean: bool) -> None:
+        if self._attached:
+            self.dirty_changed.emit(not clean)
+
+    def detach(self) -> None:
+        """Before the window goes: the undo stack, destroyed after this object, emits
+        ``cleanChanged`` while it clears itself; nothing may listen then (a Python slot would
+        emit on a deleted object and print "Signal source has been deleted" at quit)."""
+        if not self._attached:
+            return
+        self._attached = False
+        try:
+            self.undo_stack.cleanChanged.disconnect(self._clean_changed)
+        except (RuntimeError, TypeError):
+            pass
 
     # ------------------------------------------------------------------ state
     @property

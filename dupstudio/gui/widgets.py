@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-pg.setConfigOptions(antialias=True, background="w", foreground="k")
+pg.setConfigOptions(antialias=True, background="w", foreground="k")  # theme.apply() may switch to dark
 
 #: replica colours (replica 1 = primary)
 REPLICA_COLORS = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
@@ -68,15 +68,6 @@ def fmt_seconds(s: float) -> str:
 class Banner(QFrame):
     """A closable message strip (errors stay until closed or replaced; info fades with the next one)."""
 
-    STYLES = {
-        "error": "QFrame#banner { background: #fdecea; border: 1px solid #e0a0a0; border-radius: 4px; }"
-                 " QLabel { color: #8b0000; }",
-        "info": "QFrame#banner { background: #e8f1fb; border: 1px solid #a8c6e8; border-radius: 4px; }"
-                " QLabel { color: #1b3d66; }",
-        "warning": "QFrame#banner { background: #fff6e0; border: 1px solid #e6c677; border-radius: 4px; }"
-                   " QLabel { color: #6b4b00; }",
-    }
-
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
         self.setObjectName("banner")
@@ -96,8 +87,12 @@ class Banner(QFrame):
         self.hide()
 
     def show_message(self, text: str, kind: str = "error") -> None:
+        from dupstudio.gui import theme
+
         self.kind = kind
-        self.setStyleSheet(self.STYLES.get(kind, self.STYLES["info"]))
+        bg, border, fg = theme.banner_colors(kind)
+        self.setStyleSheet(f"QFrame#banner {{ background: {bg}; border: 1px solid {border}; border-radius: 4px; }}"
+                           f" QLabel {{ color: {fg}; }}")
         self.label.setText(text)
         self.show()
 
@@ -183,8 +178,14 @@ class JobBar(QWidget):
 
 
 def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False, log_y: bool = False,
-              legend: bool = False, legend_at: str = "right") -> pg.PlotWidget:
-    w = pg.PlotWidget()
+              legend: bool = False, legend_at: str = "below") -> pg.PlotWidget:
+    """A plot in the window's style. ``legend``: a legend row *below* the axes (see
+    :func:`set_legend`), so it never covers data. (``legend_at`` is kept for callers that named a
+    corner; every legend now sits below.)"""
+    from dupstudio.gui import theme
+
+    c = theme.colors()
+    w = pg.PlotWidget(background=c["plot_bg"])
     item = w.getPlotItem()
     if title:
         item.setTitle(title, size="10pt")
@@ -193,8 +194,8 @@ def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False,
     for side in ("left", "bottom"):
         ax = item.getAxis(side)
         ax.setTickFont(font)
-        ax.setPen(pg.mkPen("#444"))
-        ax.setTextPen(pg.mkPen("#222"))
+        ax.setPen(pg.mkPen(c["axis"]))
+        ax.setTextPen(pg.mkPen(c["axis_text"]))
         ax.enableAutoSIPrefix(False)
     if x:
         item.setLabel("bottom", x)
@@ -202,12 +203,45 @@ def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False,
         item.setLabel("left", y)
     item.showGrid(x=True, y=True, alpha=0.2)
     item.setLogMode(log_x, log_y)
+    w.legend_label = None
     if legend:
-        offset = {"right": (-10, 10), "left": (10, 10), "bottom-right": (-10, -10)}[legend_at]
-        item.addLegend(offset=offset, labelTextSize="8pt", brush=pg.mkBrush(255, 255, 255, 215),
-                       pen=pg.mkPen("#ccc"))
+        lab = pg.LabelItem("", size="8pt", color=c["axis_text"], justify="left")
+        _shrinkable(lab)
+        item.layout.addItem(lab, 4, 1)
+        w.legend_label = lab
+    del legend_at
     w.setMinimumHeight(160)
     return w
+
+
+def _shrinkable(label: pg.LabelItem) -> None:
+    """pyqtgraph's LabelItem makes its text width its minimum width; this one may be clipped
+    instead (a long legend must not widen the window)."""
+
+    def update_min() -> None:
+        label.setMinimumWidth(0)
+        label.setMinimumHeight(label.itemRect().height())
+
+    label.updateMin = update_min
+    update_min()
+
+
+LEGEND_GLYPHS = {"line": "━━", "dash": "╍╍", "o": "●", "o_hollow": "○", "s": "■", "s_hollow": "□",
+                 "d": "◆", "d_hollow": "◇", "box": "■", "hatch": "▨", "t": "▲"}
+
+
+def set_legend(plot: pg.PlotWidget, entries: list, per_line: int = 4) -> None:
+    """The legend row below ``plot``: ``entries`` are (glyph, colour, text), glyph one of
+    :data:`LEGEND_GLYPHS` (line, dash, o, o_hollow, s, s_hollow, d, box, hatch)."""
+    lab = getattr(plot, "legend_label", None)
+    if lab is None:
+        return
+    parts = [f"<span style='color:{color}'>{LEGEND_GLYPHS.get(glyph, glyph)}</span>&nbsp;{text}"
+             for glyph, color, text in entries]
+    lines = ["&nbsp;&nbsp;&nbsp;".join(parts[i:i + per_line]) for i in range(0, len(parts), per_line)]
+    lab.setText("<br>".join(lines))
+    lab.setMaximumHeight(16777215 if entries else 0)
+    lab.setMinimumHeight(lab.itemRect().height() if entries else 0)
 
 
 def log_ticks(lo: float, hi: float) -> list:
@@ -232,3 +266,73 @@ def placeholder(plot: pg.PlotWidget, text: str) -> pg.TextItem:
     r = vb.viewRange()
     t.setPos((r[0][0] + r[0][1]) / 2, (r[1][0] + r[1][1]) / 2)
     return t
+
+
+# --------------------------------------------------------------------------- tables
+def rows_as_tsv(view, rows: Optional[list] = None, header: bool = True) -> str:
+    """The selected rows of ``view`` (any QAbstractItemView over a table model; hidden columns
+    left out) as tab-separated text with a header line, as spreadsheets paste it."""
+    model = view.model()
+    if rows is None:
+        sm = view.selectionModel()
+        rows = sorted({i.row() for i in sm.selectedIndexes()}) if sm else []
+    hidden = getattr(view, "isColumnHidden", lambda c: False)
+    cols = [c for c in range(model.columnCount()) if not hidden(c)]
+
+    def clean(v) -> str:
+        return "" if v is None else " ".join(str(v).split())
+
+    lines = []
+    if header:
+        lines.append("\t".join(clean(model.headerData(c, Qt.Horizontal, Qt.DisplayRole)) for c in cols))
+    for r in rows:
+        lines.append("\t".join(clean(model.index(r, c).data(Qt.DisplayRole)) for c in cols))
+    return "\n".join(lines) + "\n"
+
+
+def install_copy(view, on_copy=None):
+    """Ctrl+C (the platform's Copy key) on ``view`` copies its selected rows as TSV; returns the
+    action (also in the view's context menu)."""
+    from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
+
+    def copy() -> None:
+        text = rows_as_tsv(view)
+        if text.count("\n") > 1:
+            QGuiApplication.clipboard().setText(text)
+            if on_copy is not None:
+                on_copy(text.count("\n") - 1)
+
+    a = QAction("Copy rows", view)
+    a.setShortcut(QKeySequence.Copy)
+    a.setShortcutContext(Qt.WidgetWithChildrenShortcut)
+    a.triggered.connect(lambda _c=False: copy())
+    view.addAction(a)
+    view.setContextMenuPolicy(Qt.ActionsContextMenu)
+    return a
+
+
+# --------------------------------------------------------------------------- an absolute error scale
+ERROR_CMAP = "viridis"
+NICE_TOPS = (0.5, 1, 2, 5, 10, 20, 30, 50, 100, 200)
+
+
+def error_scale_top(max_pct: float) -> float:
+    """The top of the weight-error colour scale (percent): the first round value at or above the
+    largest error, so the scale starts at 0 % and means the same for every block."""
+    for t in NICE_TOPS:
+        if max_pct <= t:
+            return float(t)
+    return float(math.ceil(max_pct / 100.0) * 100.0)
+
+
+def error_qcolor(pct: float, top: float, alpha: int = 255):
+    """The colour of ``pct`` on the 0 … ``top`` % scale (the heat map's colour map)."""
+    from PySide6.QtGui import QColor
+
+    if pct is None or not math.isfinite(pct):
+        return None
+    cmap = pg.colormap.get(ERROR_CMAP)
+    c = cmap.mapToQColor(max(0.0, min(1.0, pct / top if top > 0 else 0.0)))
+    c = QColor(c)
+    c.setAlpha(alpha)
+    return c

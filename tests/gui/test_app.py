@@ -29,9 +29,9 @@ def test_window_shows_tiny_model_summary(make_window, qtbot, tiny_model_dir):
     sizes = w.panel.sizes
     assert [sizes.item(r, 0).text() for r in range(sizes.rowCount())] == [
         "16 bits (float16)", "4 bits", "3 bits", "2 bits"]
-    assert sizes.item(3, 2).text() == "2.50"  # 2-bit g64 = 2.5 bits per weight (decisions 2)
+    assert sizes.item(3, 2).text() == "2.50"  # 2-bit g64: 2 bits of code + 32 bits of scale/bias per 64
     assert w.panel.matrices.rowCount() == 7
-    assert w.panel.error.isHidden()
+    assert not w.banner.isVisible()
     assert w.status_text().startswith("Loaded llama model: 3 blocks")
     assert w.windowTitle() == f"untitled — {tiny_model_dir.name} — dupstudio"
     assert [w.tabs.tabText(i).lower() for i in range(w.tabs.count())] == list(TABS)
@@ -51,12 +51,11 @@ def test_invalid_folder_shows_error_in_window(make_window, qtbot, tmp_path):
     message = sig.args[0]
     assert str(bad) in message and "not a model folder" in message
     assert w.isVisible()
-    assert not w.panel.error.isHidden()
-    assert str(bad) in w.panel.error.text()
     assert w.banner.isVisible() and str(bad) in w.banner.text()
     assert w.panel.fields["blocks"].text() == "—"
     assert w.description is None and not w.busy
-    assert w.status_text().startswith("Error:")
+    assert w.status_text().startswith("Could not open")
+    assert str(bad) not in w.status_text()  # the message is shown once, in the banner
 
 
 def test_jobs_run_off_the_gui_thread(make_window, qtbot):
@@ -94,7 +93,7 @@ def test_window_can_open_another_model_after_an_error(make_window, qtbot, tmp_pa
     assert "no such file or folder" in w.error_message
     w.load_model(str(tiny_model_dir))
     qtbot.waitUntil(lambda: w.description is not None, timeout=TIMEOUT_MS)
-    assert w.panel.error.isHidden() and w.panel.fields["blocks"].text() == "3"
+    assert w.panel.fields["blocks"].text() == "3"
     assert not w.banner.isVisible()
 
 

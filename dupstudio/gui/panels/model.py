@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from dupstudio.gui import theme
 from dupstudio.gui.widgets import fmt_bytes, fmt_params
 
 
@@ -64,15 +65,19 @@ class ModelPanel(QWidget):
         outer.addWidget(self.title)
 
         bar = QHBoxLayout()
+        self.open_buttons = []
         b = QPushButton("Open model folder…")
         b.clicked.connect(self.open_folder)
         bar.addWidget(b)
+        self.open_buttons.append(b)
         b = QPushButton("Open GGUF file…")
         b.clicked.connect(self.open_gguf)
         bar.addWidget(b)
+        self.open_buttons.append(b)
         b = QPushButton("Default model (SmolLM2-135M)")
         b.clicked.connect(self.open_default)
         bar.addWidget(b)
+        self.open_buttons.append(b)
         bar.addSpacing(16)
         self.source_edit = QLineEdit()
         self.source_edit.setPlaceholderText("Hugging Face id (org/name) or a path")
@@ -81,20 +86,17 @@ class ModelPanel(QWidget):
         b = QPushButton("Open")
         b.clicked.connect(self._open_typed)
         bar.addWidget(b)
+        self.open_buttons.append(b)
         outer.addLayout(bar)
         hint = QLabel("Tip: drop a model folder, a .gguf file or a configuration (.json) onto the window.")
-        hint.setStyleSheet("QLabel { color: #666; }")
+        hint.setStyleSheet(theme.muted_css())
         outer.addWidget(hint)
 
-        self.error = QLabel("")
-        self.error.setObjectName("modelError")
-        self.error.setWordWrap(True)
-        self.error.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.error.setStyleSheet(
-            "QLabel { color: #8b0000; background: #fdecea; border: 1px solid #e0a0a0;"
-            " border-radius: 4px; padding: 8px; }")
-        self.error.hide()
-        outer.addWidget(self.error)
+        self.loading = QLabel("")
+        self.loading.setObjectName("modelLoading")
+        self.loading.setStyleSheet("QLabel { color: palette(dark); font-style: italic; }")
+        self.loading.hide()
+        outer.addWidget(self.loading)
 
         grid = QGridLayout()
         outer.addLayout(grid, 1)
@@ -127,7 +129,7 @@ class ModelPanel(QWidget):
         sb.addWidget(self.sizes)
         self.size_note = QLabel("")
         self.size_note.setWordWrap(True)
-        self.size_note.setStyleSheet("QLabel { color: #555; }")
+        self.size_note.setStyleSheet(theme.muted_css())
         sb.addWidget(self.size_note)
         sb.addStretch(1)
         grid.addWidget(sizes_box, 0, 1)
@@ -144,16 +146,29 @@ class ModelPanel(QWidget):
         grid.setRowStretch(1, 1)
 
     def set_recent(self, items: list) -> None:
+        """``items``: (text shown, source to open) pairs, newest first."""
         self.recent.clear()
-        for it in items:
-            w = QListWidgetItem(it)
-            w.setData(Qt.UserRole, it)
-            w.setToolTip(it)
+        for item in items:
+            text, source = item if isinstance(item, (tuple, list)) else (item, item)
+            w = QListWidgetItem(text)
+            w.setData(Qt.UserRole, source)
+            w.setToolTip(source if source != "default" else "the default model")
             self.recent.addItem(w)
         if not items:
             w = QListWidgetItem("(none yet)")
             w.setFlags(Qt.NoItemFlags)
             self.recent.addItem(w)
+
+    def set_loading(self, text: str) -> None:
+        """A note while a model opens; the summary below stays the open model's."""
+        self.loading.setText(text)
+        self.loading.setVisible(bool(text))
+
+    def set_busy(self, busy: bool) -> None:
+        for b in self.open_buttons:
+            b.setEnabled(not busy)
+        self.source_edit.setEnabled(not busy)
+        self.recent.setEnabled(not busy)
 
     def _open_typed(self) -> None:
         s = self.source_edit.text().strip()
@@ -194,16 +209,7 @@ class ModelPanel(QWidget):
         self._fill(self.matrices, [])
         self.size_note.setText("")
 
-    def show_error(self, message: str) -> None:
-        self.error.setText(message)
-        self.error.show()
-
-    def hide_error(self) -> None:
-        self.error.hide()
-        self.error.setText("")
-
     def show_description(self, d: dict) -> None:
-        self.hide_error()
         self.title.setText(f"{d['architecture']} · {d['num_blocks']} blocks · "
                            f"{fmt_params(d['parameters'])} parameters")
         f = self.fields
