@@ -5,7 +5,7 @@ import pytest
 pytest.importorskip("PySide6")
 
 from PySide6.QtCore import Qt  # noqa: E402
-from PySide6.QtWidgets import QComboBox, QSpinBox  # noqa: E402
+from PySide6.QtWidgets import QComboBox  # noqa: E402
 
 from dupstudio.gui.panels.layers import COL  # noqa: E402
 
@@ -63,9 +63,9 @@ def test_delegates_edit_in_place(window):
     delegate = view.itemDelegate()
     idx = m.index(2, COL["replicas"])
     ed = delegate.createEditor(view.viewport(), None, idx)
-    assert isinstance(ed, QSpinBox) and ed.maximum() == 4
+    assert isinstance(ed, QComboBox) and [ed.itemData(i) for i in range(ed.count())] == [1, 2, 3, 4]
     delegate.setEditorData(ed, idx)
-    ed.setValue(3)
+    ed.setCurrentIndex(ed.findData(3))
     delegate.setModelData(ed, m, idx)
     assert window.project.config.blocks[2].replicas == 3
     idx = m.index(2, COL["init"])
@@ -102,17 +102,100 @@ def test_apply_to_selected_rows_is_one_undo_step(window):
 
 def test_invalid_edit_shows_a_message_and_changes_nothing(window):
     m, p = window.layers.model, window.project
+    p.edit_blocks([0], "replicas", 2)
     before = p.config.to_dict()
-    assert not m.setData(m.index(0, COL["gains"]), "1, 2, 3")  # K = 1 needs one gain
-    assert "1 gains are needed" in window.banner.text()
-    assert p.config.to_dict() == before and p.undo_stack.count() == 0
+    count = p.undo_stack.count()
+    assert not m.setData(m.index(0, COL["gains"]), "1, 2, 3")  # K = 2 needs two values
+    assert "2 values of α are needed" in m.last_refusal and "2 values" in window.status_text()
+    assert p.config.to_dict() == before and p.undo_stack.count() == count
+
+
+@pytest.mark.parametrize("col, value, why", [
+    ("gains", "3, 0.5", "fixed at 1"),  # serial: the first α is the primary's, never silently 1
+    ("gains", "1, -0.5", "between 0 and 2"),  # a negative gain
+    ("gains", "1, 2.5", "between 0 and 2"),
+    ("gains", "1", "2 values"),
+    ("gains", "1, x", "must be a number"),
+    ("residual_gain", "-1", "between 0 and 2"),
+    ("residual_gain", "nan", "finite"),
+    ("residual_gain", "abc", "must be a number"),
+])
+def test_every_editable_cell_is_validated(window, col, value, why):
+    m, p = window.layers.model, window.project
+    p.edit_blocks([1], "replicas", 2)
+    before, count = p.config.to_dict(), p.undo_stack.count()
+    refused = []
+    m.cell_refused.connect(lambda r, c, msg: refused.append((r, c, msg)))
+    assert not m.setData(m.index(1, COL[col]), value)
+    assert refused and refused[0][:2] == (1, COL[col]) and why in refused[0][2]
+    assert why in window.status_text()  # the reason is shown, and nothing changed
+    assert p.config.to_dict() == before and p.undo_stack.count() == count
+
+
+def test_valid_gains_in_both_modes(window):
+    m, cfg = window.layers.model, window.project.config
+    window.project.edit_blocks([1], "replicas", 2)
+    assert m.setData(m.index(1, COL["gains"]), "1, 0.25")
+    assert cfg.blocks[1].gains == [1.0, 0.25]
+    assert m.setData(m.index(1, COL["mode"]), "parallel")
+    assert m.setData(m.index(1, COL["gains"]), "0.7 0.3")
+    assert cfg.blocks[1].gains == [0.7, 0.3]
+    assert m.setData(m.index(1, COL["residual_gain"]), "0.9")
+    assert cfg.blocks[1].residual_gain == 0.9
+    # K = 1: no replica gains to edit, and the tooltip says why
+    assert not (m.flags(m.index(0, COL["gains"])) & Qt.ItemIsEditable)
+    assert "K = 1" in m.index(0, COL["gains"]).data(Qt.ToolTipRole)
 
 
 def test_edits_are_refused_while_a_calibration_owns_the_config(window):
-    p, m = window.project, window.layers.model
+    p, m, panel = window.project, window.layers.model, window.layers
     p.set_locked(True)
     assert not (m.flags(m.index(0, COL["replicas"])) & Qt.ItemIsEditable)
+    assert not panel.lock_note.isHidden() and "read-only" in panel.lock_note.text()
+    assert "read-only" in m.index(0, COL["replicas"]).data(Qt.ToolTipRole)
     assert not m.setData(m.index(0, COL["replicas"]), 2)
-    assert "calibration is running" in window.banner.text()
+    assert "read-only" in window.status_text()
+    panel._double_clicked(m.index(0, COL["mode"]))  # a double click says why nothing opens
+    assert "read-only" in window.status_text()
+    assert not panel.apply_bar.apply_button.isEnabled()
     p.set_locked(False)
+    assert panel.lock_note.isHidden()
     assert m.setData(m.index(0, COL["replicas"]), 2)
+
+
+def test_copy_rows_as_tsv_and_paste_settings(window, qtbot):
+    from PySide6.QtGui import QGuiApplication
+
+    p, panel = window.project, window.layers
+    p.edit_blocks([0], "replicas", 2)
+    p.edit_blocks([0], "init", "lsq")
+    p.edit_blocks([0], "strategy", "percentile")
+    panel.apply_bar.select_rows([0])
+    panel.view.setFocus()
+    panel.copy_action.trigger()  # Ctrl+C
+    text = QGuiApplication.clipboard().text()
+    lines = text.strip("\n").split("\n")
+    assert lines[0].split("\t")[:3] == ["Block", "Parameters", "Bits / weight"]
+    assert len(lines) == 2 and lines[1].split("\t")[COL["strategy"]] == "percentile"
+    assert "Copied 1 row" in window.status_text()
+    count = p.undo_stack.count()
+    panel.apply_bar.select_rows([1, 2])
+    assert panel.paste() == 2  # Ctrl+V: the copied row's settings onto blocks 1 and 2
+    for k in (1, 2):
+        b = p.config.blocks[k]
+        assert b.replicas == 2 and b.replica[1].init == "lsq" and b.strategy == "percentile"
+    assert p.undo_stack.count() == count + 1  # one step
+    p.undo_stack.undo()
+    assert [b.replicas for b in p.config.blocks] == [2, 1, 1]
+    # a paste with an invalid value changes nothing
+    bad = text.replace("percentile", "nonsense")
+    assert panel.paste(bad) == 0 and p.undo_stack.count() == count + 1
+    assert "Nothing pasted" in window.banner.text()
+
+
+def test_k_editor_is_roomy(window):
+    view, m = window.layers.view, window.layers.model
+    view.edit(m.index(0, COL["replicas"]))
+    ed = view.indexWidget(m.index(0, COL["replicas"])) or view.findChild(QComboBox)
+    assert isinstance(ed, QComboBox) and ed.width() >= 120
+    assert ed.itemText(0) == "1 (no replicas)"

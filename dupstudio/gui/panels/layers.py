@@ -6,17 +6,18 @@ import math
 from typing import Any, Optional
 
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt, Signal
-from PySide6.QtGui import QBrush, QColor, QFont
+from PySide6.QtGui import QAction, QBrush, QColor, QFont, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QComboBox,
+    QLineEdit,
     QHBoxLayout,
     QHeaderView,
     QLabel,
     QPushButton,
-    QSpinBox,
     QStyledItemDelegate,
     QTableView,
+    QToolTip,
     QVBoxLayout,
     QWidget,
 )
@@ -24,8 +25,10 @@ from PySide6.QtWidgets import (
 from dupstudio.core import config as C
 from dupstudio.core.jobs import DupstudioError
 from dupstudio.core.model_io import MATRIX_NAMES
-from dupstudio.gui.project import FIELD_LABELS, Project, common_group_sizes
-from dupstudio.gui.widgets import fmt_bytes, fmt_float, fmt_params
+from dupstudio.gui import theme
+from dupstudio.gui.project import EDIT_FIELDS, FIELD_LABELS, Project, common_group_sizes
+from dupstudio.gui.strategies import add_tooltips, describe
+from dupstudio.gui.widgets import error_qcolor, error_scale_top, fmt_bytes, fmt_float, fmt_params, install_copy, rows_as_tsv
 
 COLUMNS = [
     ("block", "Block"),
@@ -52,33 +55,34 @@ TOOLTIPS = {
     "bpw": "Effective bits per weight of the block's linears: codes plus every stored 16-bit value "
            "(scales, biases, replica parameters, gains)",
     "rel": "Relative Frobenius error ‖W − Ŵ‖ / ‖W‖ of the primary replica over the block's 7 matrices "
-           "(computed on the worker; '…' while it is being computed)",
+           "('…' while it is being computed). Shading: 0 % (none) up to the scale's top, as on the "
+           "Distributions tab's heat map",
     "sqnr": "Signal-to-quantization-noise ratio of the primary replica, 10·log10(‖W‖² / ‖W − Ŵ‖²)",
     "replicas": "K: how many times the block runs, all replicas sharing one set of codes",
     "mode": "serial: h ← h + α (f(h) − h) per replica; parallel: h + Σ w (f(h) − h)",
-    "init": "How replicas 2…K start their own scales/biases",
+    "init": "How replicas 2…K start their own scales and biases",
     "granularity": "group: own scale/bias per group; channel: per-row scale/offset on the primary",
-    "gains": "α (serial; the first is fixed at 1) or w (parallel) per replica — comma-separated",
-    "residual_gain": "β: block output h + β (y − h)",
+    "bits": "Bits per weight of the block's codes (bold: set on this block; grey: the configuration's default)",
+    "group_size": "Weights per group sharing one scale and bias",
+    "strategy": "How each group's scale and zero point are chosen (hover over the choices for details)",
+    "gains": "α (serial: one per replica, the first fixed at 1) or w (parallel) — K comma-separated "
+             "numbers between 0 and 2, e.g. “1, 0.5”",
+    "residual_gain": "β: the block's output is h + β (y − h); a number between 0 and 2 (1 = unchanged)",
     "loss_before": "Block-output MSE before calibration",
     "loss_after": "Block-output MSE after calibration (grey: rejected by the never-worse guard)",
 }
 
 
-def _error_color(rel: float, lo: float, hi: float) -> QColor:
-    """White (the smallest block error) to orange (the largest), across the blocks computed."""
-    if rel is None or not math.isfinite(rel):
-        return QColor("white")
-    t = 0.0 if hi <= lo else (rel - lo) / (hi - lo)
-    t = max(0.0, min(1.0, t))
-    return QColor.fromRgbF(1.0, 1.0 - 0.45 * t, 1.0 - 0.7 * t)
+LOCKED_REASON = ("A calibration or search is running: the table is read-only until it ends "
+                 "(cancel it to edit now).")
 
 
 class LayerTableModel(QAbstractTableModel):
     """Rows = decoder blocks of ``project.config`` (read live; edits go through the project's
     undoable commands)."""
 
-    edit_failed = Signal(str)
+    edit_failed = Signal(str)  # an edit of several rows (the apply bar, a paste) was refused
+    cell_refused = Signal(int, int, str)  # row, column, why: a cell edit was refused
 
     def __init__(self, project: Project, parent: Optional[QObject] = None) -> None:
         super().__init__(parent)
@@ -103,12 +107,13 @@ class LayerTableModel(QAbstractTableModel):
             return
         self.dataChanged.emit(self.index(min(rows), 0), self.index(max(rows), len(COLUMNS) - 1))
 
-    def error_range(self) -> tuple:
+    def error_top(self) -> float:
+        """The top of the absolute colour scale (percent) of the weight-error cells."""
         if self._range is None:
-            vals = [m["replicas"][0]["rel_fro"] for k in range(self.rowCount())
+            vals = [100 * m["replicas"][0]["rel_fro"] for k in range(self.rowCount())
                     if (m := self.project.metrics_for(k)) is not None]
             vals = [v for v in vals if math.isfinite(v)]
-            self._range = (min(vals), max(vals)) if vals else (0.0, 1.0)
+            self._range = error_scale_top(max(vals)) if vals else 100.0
         return self._range
 
     def _metrics_changed(self, rows: list) -> None:
@@ -150,10 +155,21 @@ class LayerTableModel(QAbstractTableModel):
         key = COLUMNS[index.column()][0]
         if key in EDITABLE and not self.project.locked:
             spec = self.project.config.blocks[index.row()]
-            if key in ("init", "granularity") and spec.replicas < 2:
+            if key in ("init", "granularity", "gains") and spec.replicas < 2:
                 return f
             f |= Qt.ItemIsEditable
         return f
+
+    def why_not_editable(self, row: int, key: str) -> str:
+        """Why a cell of an editable column cannot be edited now ("" when it can)."""
+        if key not in EDITABLE:
+            return ""
+        if self.project.locked:
+            return LOCKED_REASON
+        spec = self.project.config.blocks[row]
+        if key in ("init", "granularity", "gains") and spec.replicas < 2:
+            return "K = 1: the block has no extra replicas (set K to 2 or more first; β still applies)"
+        return ""
 
     def value(self, row: int, key: str) -> Any:
         """The raw value behind a cell (edit role)."""
@@ -200,20 +216,21 @@ class LayerTableModel(QAbstractTableModel):
             if key in ("rel", "sqnr"):
                 m = self.project.metrics_for(row)
                 if m:
-                    return QBrush(_error_color(m["replicas"][0]["rel_fro"], *self.error_range()))
+                    c = error_qcolor(100 * m["replicas"][0]["rel_fro"], self.error_top(), alpha=70)
+                    return QBrush(c) if c is not None else None
             if key == "replicas" and spec.replicas > 1:
-                return QBrush(QColor("#e3efff"))
+                return QBrush(QColor(theme.colors()["table_tint"]))
             if key in ("init", "granularity") and spec.replicas < 2:
-                return QBrush(QColor("#f4f4f4"))
+                return QBrush(QColor(theme.colors()["disabled_cell"]))
             return None
         if role == Qt.ForegroundRole:
             if key == "mode" and spec.replicas < 2:
-                return QBrush(QColor("#999"))
+                return QBrush(QColor(theme.muted()))
             if key == "loss_after" and spec.calibration:
-                return QBrush(QColor("#1a7f37" if spec.calibration.get("accepted") else "#999"))
-            if key in ("bits", "group_size", "strategy"):
-                explicit = getattr(spec, key) is not None
-                return QBrush(QColor("#000" if explicit else "#555"))
+                ok = "#3fb950" if theme.is_dark() else "#1a7f37"
+                return QBrush(QColor(ok if spec.calibration.get("accepted") else theme.muted()))
+            if key in ("bits", "group_size", "strategy") and getattr(spec, key) is None:
+                return QBrush(QColor(theme.muted()))
             return None
         if role == Qt.FontRole:
             if key in ("bits", "group_size", "strategy") and getattr(spec, key) is not None:
@@ -275,6 +292,15 @@ class LayerTableModel(QAbstractTableModel):
         return None
 
     def _tooltip(self, row: int, key: str, spec) -> Optional[str]:
+        why = self.why_not_editable(row, key)
+        if why and self.project.locked:
+            return why
+        if key == "strategy":
+            s = self.value(row, key)
+            return f"{s}: {describe('strategy', s)}" if describe("strategy", s) else TOOLTIPS.get(key)
+        if key == "mode":
+            return f"{spec.mode}: {describe('mode', spec.mode)}" if spec.replicas > 1 else \
+                "K = 1: the mode matters once the block has replicas"
         if key in ("rel", "sqnr"):
             m = self.project.metrics_for(row)
             if m is None:
@@ -294,23 +320,89 @@ class LayerTableModel(QAbstractTableModel):
         if key in ("init", "granularity") and spec.replicas > 1:
             return "\n".join(f"replica {i + 1}: init {r.init}{' ' + str(r.init_args) if r.init_args else ''}, "
                              f"{r.granularity}" for i, r in enumerate(spec.replica))
+        if why:
+            return why
         return TOOLTIPS.get(key)
 
     def setData(self, index: QModelIndex, value: Any, role=Qt.EditRole) -> bool:  # noqa: N802
+        """A cell edit; refused (nothing changes) with the reason at the cell when the value is
+        out of range, has the wrong number of values for K, or the table is read-only."""
         if role != Qt.EditRole or not index.isValid():
             return False
         key = COLUMNS[index.column()][0]
         if key not in EDITABLE:
             return False
-        return self.apply([index.row()], key, value)
+        why = self.why_not_editable(index.row(), key)
+        if why:
+            self.last_refusal = why
+            self.cell_refused.emit(index.row(), index.column(), why)
+            return False
+        try:
+            n = self.project.edit_blocks([index.row()], key, value)
+        except DupstudioError as e:
+            why = f"{FIELD_LABELS.get(key, key)} not changed: {e}"
+            self.last_refusal = why
+            self.cell_refused.emit(index.row(), index.column(), why)
+            return False
+        self.last_refusal = ""
+        return n > 0
 
     def apply(self, rows: list, key: str, value: Any) -> bool:
         try:
             n = self.project.edit_blocks(rows, key, value)
         except DupstudioError as e:
-            self.edit_failed.emit(str(e))
+            self.edit_failed.emit(f"{FIELD_LABELS.get(key, key)} not changed: {e}")
             return False
         return n > 0
+
+    def paste_rows(self, text: str, targets: list) -> int:
+        """Apply the editable cells of tab-separated rows (as :func:`rows_as_tsv` copies them, with
+        or without the header line) to ``targets`` (block indices): row i of the text to target i,
+        or one copied row to every target. One undo step; returns how many blocks changed, or
+        refuses everything (edit_failed) when any value is invalid."""
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines or not targets:
+            return 0
+        headers = [h for _, h in COLUMNS]
+        first = lines[0].split("\t")
+        if [c.strip() for c in first] == headers[:len(first)] and len(first) > 1:
+            cols, lines = [c.strip() for c in first], lines[1:]
+        else:
+            cols = headers
+        rows = [ln.split("\t") for ln in lines]
+        if not rows:
+            return 0
+        if len(rows) == 1:
+            pairs = [(t, rows[0]) for t in targets]
+        else:
+            start = min(targets)
+            pairs = [(start + i, r) for i, r in enumerate(rows) if start + i < self.rowCount()]
+        order = [k for k in EDIT_FIELDS if k in EDITABLE]
+        stack = self.project.undo_stack
+        stack.beginMacro(f"Paste {len(rows)} row{'s' if len(rows) != 1 else ''} onto "
+                         f"{len(pairs)} block{'s' if len(pairs) != 1 else ''}")
+        changed = set()
+        try:
+            for target, cells in pairs:
+                values = {}
+                for name, cell in zip(cols, cells):
+                    key = next((k for k, h in COLUMNS if h == name), None)
+                    cell = cell.strip()
+                    if key in EDITABLE and cell and cell != "—":
+                        values[key] = cell.split(",")[0].strip() if key in ("init", "granularity") else cell
+                for key in order:
+                    if key in values:
+                        if self.project.edit_blocks([target], key, values[key]):
+                            changed.add(target)
+        except (DupstudioError, ValueError) as e:
+            stack.endMacro()
+            stack.undo()
+            self.edit_failed.emit(f"Nothing pasted: {e}")
+            return 0
+        stack.endMacro()
+        if not changed:
+            stack.undo()  # an empty macro
+        return len(changed)
 
     # ------------------------------------------------------------------ choices for editors
     def choices(self, key: str) -> list:
@@ -331,17 +423,19 @@ class LayerTableModel(QAbstractTableModel):
         if key == "granularity":
             return [(g, g) for g in C.GRANULARITIES]
         if key == "replicas":
-            return [(str(k), k) for k in range(1, C.MAX_REPLICAS + 1)]
+            return [("1 (no replicas)" if k == 1 else str(k), k) for k in range(1, C.MAX_REPLICAS + 1)]
         if key == "residual_gain":
             return [(x, x) for x in ("1", "0.9", "1.1")]
         return []
 
 
 class LayerDelegate(QStyledItemDelegate):
-    """Spin box for K, combo boxes for mode/bits/group/strategy/init/granularity, a line edit for
-    gains and β."""
+    """Combo boxes for K, mode, bits, group, strategy, init and granularity (each choice with its
+    description), a line edit for α/w and β."""
 
-    COMBO_KEYS = ("mode", "bits", "group_size", "strategy", "init", "granularity")
+    COMBO_KEYS = ("replicas", "mode", "bits", "group_size", "strategy", "init", "granularity")
+    MIN_EDITOR_WIDTH = {"replicas": 130, "mode": 96, "bits": 64, "group_size": 72, "strategy": 120,
+                        "init": 100, "granularity": 100, "gains": 150, "residual_gain": 80}
 
     def __init__(self, model: LayerTableModel, parent: Optional[QObject] = None) -> None:
         super().__init__(parent)
@@ -349,37 +443,42 @@ class LayerDelegate(QStyledItemDelegate):
 
     def createEditor(self, parent, option, index):  # noqa: N802
         key = COLUMNS[index.column()][0]
-        if key == "replicas":
-            sb = QSpinBox(parent)
-            sb.setRange(1, C.MAX_REPLICAS)
-            sb.setFrame(False)
-            return sb
         if key in self.COMBO_KEYS:
             cb = QComboBox(parent)
             for text, value in self.model.choices(key):
                 cb.addItem(text, value)
+            add_tooltips(cb, key)
             # commit as soon as a value is picked
             cb.activated.connect(lambda _i, cb=cb: (self.commitData.emit(cb), self.closeEditor.emit(cb)))
             return cb
-        return super().createEditor(parent, option, index)
+        ed = super().createEditor(parent, option, index)
+        if isinstance(ed, QLineEdit):
+            ed.setToolTip(TOOLTIPS.get(key, ""))
+            if key == "gains":
+                k = self.model.project.config.blocks[index.row()].replicas
+                ed.setPlaceholderText(f"{k} numbers, e.g. " + ", ".join(["1"] + ["0.5"] * (k - 1)))
+        return ed
+
+    def updateEditorGeometry(self, editor, option, index):  # noqa: N802
+        """Editors at least wide enough to read (a narrow column must not cramp its editor)."""
+        super().updateEditorGeometry(editor, option, index)
+        key = COLUMNS[index.column()][0]
+        r = editor.geometry()
+        want = self.MIN_EDITOR_WIDTH.get(key, 0)
+        if r.width() < want:
+            r.setWidth(want)
+            editor.setGeometry(r)
 
     def setEditorData(self, editor, index):  # noqa: N802
-        key = COLUMNS[index.column()][0]
         value = index.data(Qt.EditRole)
-        if isinstance(editor, QSpinBox):
-            editor.setValue(int(value))
-        elif isinstance(editor, QComboBox):
+        if isinstance(editor, QComboBox):
             i = editor.findData(value)
             editor.setCurrentIndex(max(i, 0))
         else:
             super().setEditorData(editor, index)
-        del key
 
     def setModelData(self, editor, model, index):  # noqa: N802
-        if isinstance(editor, QSpinBox):
-            editor.interpretText()
-            model.setData(index, editor.value(), Qt.EditRole)
-        elif isinstance(editor, QComboBox):
+        if isinstance(editor, QComboBox):
             model.setData(index, editor.currentData(), Qt.EditRole)
         else:
             super().setModelData(editor, model, index)
@@ -430,6 +529,8 @@ class ApplyBar(QWidget):
         self.value.setEditable(key == "residual_gain")
         for text, value in self.model.choices(key):
             self.value.addItem(text, value)
+        add_tooltips(self.value, key)
+        self.value.setToolTip(TOOLTIPS.get(key, ""))
         if key == "replicas":
             self.value.setCurrentIndex(1)
 
@@ -460,6 +561,8 @@ class ApplyBar(QWidget):
 
 
 class LayersPanel(QWidget):
+    status = Signal(str)  # a short note for the window's status line
+
     def __init__(self, project: Project, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
         self.project = project
@@ -479,26 +582,78 @@ class LayersPanel(QWidget):
         hh = self.view.horizontalHeader()
         hh.setSectionResizeMode(QHeaderView.Interactive)
         hh.setSectionResizeMode(COL["gains"], QHeaderView.Stretch)
-        widths = {"block": 48, "params": 86, "bpw": 90, "rel": 94, "sqnr": 76, "replicas": 36, "mode": 70,
+        widths = {"block": 48, "params": 86, "bpw": 90, "rel": 94, "sqnr": 76, "replicas": 40, "mode": 70,
                   "bits": 44, "group_size": 52, "strategy": 86, "init": 92, "granularity": 86, "gains": 110,
                   "residual_gain": 48, "loss_before": 90, "loss_after": 120}
         for key, w in widths.items():
             self.view.setColumnWidth(COL[key], w)
         self.apply_bar = ApplyBar(self.model, self.view)
         lay.addWidget(self.apply_bar)
+        self.lock_note = QLabel("🔒 " + LOCKED_REASON)
+        self.lock_note.setObjectName("layersLocked")
+        self.lock_note.setWordWrap(True)
+        bg, border, fg = theme.banner_colors("warning")
+        self.lock_note.setStyleSheet(f"QLabel {{ background: {bg}; border: 1px solid {border}; color: {fg};"
+                                     " border-radius: 4px; padding: 4px 8px; }")
+        self.lock_note.hide()
+        lay.addWidget(self.lock_note)
         lay.addWidget(self.view, 1)
         self.hint = QLabel("Double-click a cell to edit (K, mode, bits, group, strategy, replica init, "
                            "granularity, α/w, β); select rows and use the bar above to set many at once. "
-                           "Ctrl+Z / Ctrl+Shift+Z undo and redo.")
+                           "Ctrl+C copies the selected rows (tab-separated), Ctrl+V pastes their settings "
+                           "onto the selected blocks; Ctrl+Z / Ctrl+Shift+Z undo and redo.")
         self.hint.setWordWrap(True)
-        self.hint.setStyleSheet("QLabel { color: #666; }")
+        self.hint.setStyleSheet(theme.muted_css())
         lay.addWidget(self.hint)
+        self.copy_action = install_copy(self.view, lambda n: self.status.emit(
+            f"Copied {n} row{'s' if n != 1 else ''} (tab-separated)"))
+        self.paste_action = QAction("Paste settings onto the selected rows", self.view)
+        self.paste_action.setShortcut(QKeySequence.Paste)
+        self.paste_action.setShortcutContext(Qt.WidgetWithChildrenShortcut)
+        self.paste_action.triggered.connect(lambda _c=False: self.paste())
+        self.view.addAction(self.paste_action)
         self.view.selectionModel().selectionChanged.connect(lambda *_: self.apply_bar.update_count())
+        self.view.doubleClicked.connect(self._double_clicked)
         self.model.modelReset.connect(self._after_reset)
-        project.busy_changed.connect(lambda _b: self.apply_bar.update_count())
+        self.model.cell_refused.connect(self.show_refusal)
+        project.busy_changed.connect(self._busy_changed)
 
     def _after_reset(self) -> None:
         self.apply_bar.update_count()
+
+    def _busy_changed(self, locked: bool) -> None:
+        self.apply_bar.update_count()
+        self.lock_note.setVisible(locked)
+        self.paste_action.setEnabled(not locked)
+
+    def _double_clicked(self, index) -> None:
+        why = self.model.why_not_editable(index.row(), COLUMNS[index.column()][0]) if index.isValid() else ""
+        if why:
+            self.show_refusal(index.row(), index.column(), why)
+
+    def show_refusal(self, row: int, col: int, why: str) -> None:
+        """The reason an edit was refused, at the cell (a tooltip) and in the status line."""
+        rect = self.view.visualRect(self.model.index(row, col))
+        if self.view.isVisible():
+            QToolTip.showText(self.view.viewport().mapToGlobal(rect.bottomLeft()), why, self.view.viewport(), rect,
+                              6000)
+        self.status.emit(why)
+
+    def copy_rows(self) -> str:
+        text = rows_as_tsv(self.view)
+        QGuiApplication.clipboard().setText(text)
+        return text
+
+    def paste(self, text: Optional[str] = None) -> int:
+        """Ctrl+V: the settings of copied rows onto the selected blocks (one undo step)."""
+        if self.project.locked:
+            self.status.emit(LOCKED_REASON)
+            return 0
+        rows = self.apply_bar.selected_rows() or [self.current_block()]
+        n = self.model.paste_rows(QGuiApplication.clipboard().text() if text is None else text, rows)
+        if n:
+            self.status.emit(f"Pasted settings onto {n} block{'s' if n != 1 else ''}")
+        return n
 
     def current_block(self) -> int:
         i = self.view.currentIndex()
@@ -513,13 +668,15 @@ class TotalsBar(QWidget):
         super().__init__(parent)
         self.project = project
         self.setObjectName("totalsBar")
-        self.setStyleSheet("QWidget#totalsBar { background: #f3f5f8; border-top: 1px solid #d0d5dd; }"
-                           " QLabel { padding: 0 6px; }")
+        c = theme.colors()
+        self.setStyleSheet(f"QWidget#totalsBar {{ background: {c['panel']}; border-top: 1px solid "
+                           f"{c['panel_border']}; }} QLabel {{ padding: 0 6px; }}")
         self.setAttribute(Qt.WA_StyledBackground, True)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(6, 3, 6, 3)
         self.labels = {}
-        for key, tip in (("bpw", "Effective bits per weight of the decoder-block linears (decisions 2, 3)"),
+        for key, tip in (("bpw", "Effective bits per weight of the decoder-block linears: codes plus every "
+                                 "16-bit scale, bias and replica parameter"),
                          ("size", "Deployed sizes: decoder-block linears with every replica parameter, and "
                                   "the whole model (embedding as configured)"),
                          ("passes", "Decoder-layer passes per token, and FLOPs relative to K = 1"),
@@ -579,4 +736,4 @@ class TotalsBar(QWidget):
         self.labels["latency"].setText(
             f"{prof.label.replace('Apple ', '')} decode (predicted): <b>{d['cache']:.2f}</b> / "
             f"{d['measured']:.2f} / {d['dram']:.2f} ms per token "
-            f"<span style='color:#666'>(cache / measured / DRAM)</span>")
+            f"<span style='color:{theme.muted()}'>(cache / measured / DRAM)</span>")
