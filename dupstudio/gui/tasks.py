@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -204,8 +205,9 @@ def matrix_detail_job(loaded, cfg, k: int, matrix: str, row: Optional[int], grou
 
 
 # --------------------------------------------------------------------------- calibration
-def calibration_checkpoint_dir(loaded, cfg, tokens: np.ndarray, settings) -> Path:
-    """A resume folder tied to (model, configuration before calibration, tokens, settings)."""
+def calibration_checkpoint_dir(loaded, cfg, tokens: np.ndarray, settings, blocks: Optional[list] = None) -> Path:
+    """A resume folder tied to (model, configuration before calibration, tokens, settings, the
+    blocks calibrated: a block's result depends on which earlier blocks were calibrated)."""
     from dupstudio.core import config as C
     from dupstudio.core.model_io import dupstudio_home
 
@@ -215,38 +217,109 @@ def calibration_checkpoint_dir(loaded, cfg, tokens: np.ndarray, settings) -> Pat
     h.update(json.dumps(sorted(cfg.tensors)).encode())
     h.update(np.ascontiguousarray(tokens).tobytes())
     h.update(settings.key().encode())
+    if blocks is not None:
+        h.update(json.dumps(sorted(int(b) for b in blocks)).encode())
     return dupstudio_home() / "gui-calibration" / h.hexdigest()[:20]
 
 
-def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True, stream: bool = False):
-    """``stream``: one block's float weights in memory at a time (the open model's weights are
-    released block by block to lazy reads of its files; it stays usable)."""
+_BLOCK_MSG = re.compile(r"^block (\d+): (?:(loss|resumed)|step (\d+)/(\d+))")
+
+
+def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True, stream: bool = False,
+                  blocks: Optional[list] = None):
+    """Calibrate ``blocks`` (None: every block). ``stream``: one block's float weights in memory
+    at a time (the open model's weights are released block by block to lazy reads of its files;
+    it stays usable).
+
+    Every finished block is checkpointed (kept for a later resume with ``resume``, else in a
+    temporary folder removed at the end) and reported as it finishes: ``emit(("block", k, record,
+    i, n, resumed))`` (record: loss before/after, accepted, seconds; i of n blocks done; resumed:
+    read back from an earlier run). Progress runs over the chosen blocks only. Cancelled after some blocks finished, the job still returns, with
+    ``"cancelled": True`` and the configuration holding just the finished blocks."""
 
     def job(progress, cancel, emit):
+        import shutil
+        import tempfile
+
+        import mlx.core as mx
+
+        from dupstudio.core import calib_checkpoints as CK
         from dupstudio.core.calibrate import calibrate
         from dupstudio.core.evaluate import make_windows, read_text, tokenize
+        from dupstudio.core.jobs import Cancelled
+        from dupstudio.core.model_io import dupstudio_home
 
         progress(None, f"reading {Path(text_path).name}")
         text = read_text(text_path)
         tokens = tokenize(loaded.tokenizer, text)
         windows = make_windows(tokens, settings.seq_len, settings.seqs, what="calibration text")
         cancel.check()
-        ck = calibration_checkpoint_dir(loaded, cfg, windows, settings) if resume else None
+        todo = sorted(set(int(b) for b in blocks)) if blocks else list(range(len(cfg.blocks)))
+        if resume:
+            ck, temporary = calibration_checkpoint_dir(loaded, cfg, windows, settings, blocks and todo), False
+        else:
+            tmp_root = dupstudio_home() / "tmp"
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            ck, temporary = Path(tempfile.mkdtemp(prefix="gui-calibration-", dir=tmp_root)), True
+        reported: list = []
+
+        def report(k: int, resumed: bool = False) -> None:
+            if k in reported or k not in todo:
+                return
+            rec = CK.block_record(ck, k, settings)
+            reported.append(k)
+            emit(("block", k, rec, len(reported), len(todo), resumed))
+
+        def block_progress(fraction, message) -> None:
+            m = _BLOCK_MSG.match(message or "")
+            if m is None:
+                progress(1.0 if fraction == 1.0 else None, message)
+                return
+            k = int(m.group(1))
+            if m.group(2):  # block k finished (calibrated or resumed)
+                report(k, resumed=m.group(2) == "resumed")
+                progress(len(reported) / len(todo), message)
+            else:
+                within = int(m.group(3)) / max(int(m.group(4)), 1)
+                progress(min(1.0, (len(reported) + within) / len(todo)), message)
 
         def on_loss(block, step, loss):
             emit(("loss", int(block), int(step), float(loss)))
 
         t0 = time.perf_counter()
-        new = calibrate(loaded, cfg, windows, settings, progress=progress, cancel=cancel,
-                        on_loss=on_loss, checkpoint_dir=ck, stream=stream)
-        if stream:  # held as lazy reads of the checkpoint files: read them here, on this thread
-            import mlx.core as mx
-
+        try:
+            try:
+                new = calibrate(loaded, cfg, windows, settings, progress=block_progress, cancel=cancel,
+                                on_loss=on_loss, checkpoint_dir=ck, stream=stream,
+                                blocks=todo if blocks else None)
+                cancelled = False
+            except Cancelled:
+                new, applied = CK.apply_checkpointed(cfg, ck, settings, todo)
+                if not applied:
+                    raise
+                for k in applied:
+                    report(k)
+                new.provenance = dict(new.provenance)
+                new.provenance["calibration"] = {"settings": _settings_dict(settings), "partial": True,
+                                                 "blocks": applied, "seconds": time.perf_counter() - t0}
+                cancelled = True
+            # tensors may be lazy reads of the checkpoint files: read them here, on this thread
             mx.eval(list(new.tensors.values()))
-        return {"config": new, "seconds": time.perf_counter() - t0,
-                "records": [b.calibration for b in new.blocks]}
+        finally:
+            if temporary:
+                shutil.rmtree(ck, ignore_errors=True)
+        done = [k for k in todo if new.blocks[k].calibration]
+        return {"config": new, "seconds": time.perf_counter() - t0, "cancelled": cancelled,
+                "blocks": todo, "finished": done if cancelled else todo,
+                "records": [new.blocks[k].calibration for k in (done if cancelled else todo)]}
 
     return job
+
+
+def _settings_dict(settings) -> dict:
+    from dataclasses import asdict
+
+    return asdict(settings)
 
 
 # --------------------------------------------------------------------------- evaluation
