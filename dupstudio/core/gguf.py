@@ -1,8 +1,10 @@
 """Convert a llama-family GGUF file into an mlx-lm model directory.
 
-The GGUF tensors are read with ``mlx.core.load`` (which turns GGUF Q4_0/Q4_1/Q8_0 blocks into
-MLX affine-quantized triples ``weight``/``scales``/``biases`` with group size 32), dequantized in
-float32 and stored, un-rounded, as float32 safetensors under Hugging Face / mlx-lm llama names.
+The GGUF tensors are read one at a time from the byte offsets in the header and decoded with
+numpy (:mod:`dupstudio.core.gguf_quants`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
+k-quants Q2_K-Q6_K, mixed freely within a file), then stored, un-rounded, as float32
+safetensors under Hugging Face / mlx-lm llama names. ``mlx.core.load`` is not used: it refuses
+Q5_0/Q5_1/Q3_K/Q5_K, rounds BF16/Q2_K/Q6_K to float16 and misreads Q4_K.
 llama.cpp stores the rows of ``attn_q``/``attn_k`` permuted for its adjacent-pair rope layout; they
 are permuted back to the Hugging Face rotate-half layout that mlx-lm's ``llama`` model expects.
 
@@ -24,14 +26,17 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .gguf_quants import SUPPORTED_TYPES, read_tensor, unsupported_message
 from .jobs import CancelToken, DupstudioError, ProgressFn, ensure
 from .safeio import atomic_write_bytes, make_temp_dir, remove_stale, temp_sibling, user_io
 
 __all__ = [
     "MARKER_NAME",
     "SUPPORTED_ARCHITECTURES",
+    "SUPPORTED_TYPES",
     "convert_gguf",
     "is_complete_conversion",
+    "iter_gguf_tensors",
     "plan_conversion",
     "read_gguf_info",
     "sha256_file",
@@ -89,10 +94,9 @@ GGML_TYPES: Dict[int, Tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17),
 }
 
-#: Tensor types ``mlx.core.load`` can read (quantized ones come back as affine triples, group 32).
-MLX_READABLE_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"})
-_QUANT_GROUP_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32}
-_QUANT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+#: Tensor types the converter decodes (see :mod:`dupstudio.core.gguf_quants`); the other
+#: types above are recognised in headers (so ``read_gguf_info`` can describe the file) but refused.
+DECODABLE_TYPES = frozenset(SUPPORTED_TYPES)
 
 # GGUF metadata value types
 _GGUF_SCALARS = {
@@ -214,7 +218,7 @@ def _parse_gguf_header(path: Path, *, skip_arrays: bool = True) -> Dict[str, Any
     """Parse the GGUF header: metadata (arrays skipped unless asked) and tensor infos.
 
     Checks the magic, the version, that every tensor type is known and that the tensor data
-    section lies inside the file (a truncated download is reported here, not by ``mx.load``).
+    section lies inside the file (a truncated download is reported here, before any tensor is read).
     """
     path = Path(path)
     if not path.exists():
@@ -299,7 +303,7 @@ def _tensor_info(r: _Reader, path: Path) -> Dict[str, Any]:
 
 
 def _check_tensor_layout(tensors: List[Dict[str, Any]], alignment: int, path: Path) -> None:
-    """Unique names and aligned offsets (what mlx's reader assumes; the sizes are checked
+    """Unique names and aligned offsets (what the GGUF format promises; the sizes are checked
     against the file by the caller)."""
     seen = set()
     for t in tensors:
@@ -372,12 +376,13 @@ def _support_problems(meta: Dict[str, Any], tensors: List[Dict[str, Any]]) -> Li
         problems.append(
             f"architecture {arch!r} is not supported (supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})"
         )
-    bad = sorted({t["type"] for t in tensors} - MLX_READABLE_TYPES)
-    if bad:
-        problems.append(
-            f"tensor type(s) {', '.join(bad)} cannot be read by mlx (readable: "
-            f"{', '.join(sorted(MLX_READABLE_TYPES))})"
-        )
+    # one problem per unsupported type, naming the first tensor of that type
+    first_of_type: Dict[str, str] = {}
+    for t in tensors:
+        if t["type"] not in DECODABLE_TYPES:
+            first_of_type.setdefault(t["type"], t["name"])
+    for ttype, name in sorted(first_of_type.items()):
+        problems.append(unsupported_message(name, ttype))
     tok_model = meta.get("tokenizer.ggml.model")
     if tok_model != "gpt2":
         problems.append(f"tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')")
@@ -765,13 +770,6 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _scalar_meta(v: Any) -> Any:
-    """mx.load returns GGUF scalars as 0-d arrays; turn them into Python values."""
-    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-        return v.item()
-    return v
-
-
 def plan_conversion(gguf_path: PathLike) -> Dict[str, Any]:
     """Everything about a conversion that the header alone decides, checked before any tensor
     is read: supported architecture/types/tokenizer, known tensor names, hyper-parameters
@@ -796,19 +794,44 @@ def plan_conversion(gguf_path: PathLike) -> Dict[str, Any]:
     return {"header": header, "infos": infos, "config": config}
 
 
-def _load_gguf(gguf_path: Path, header: Dict[str, Any]) -> tuple:
-    """(mlx arrays, metadata): mlx's tensors, the header's exact scalars, mlx's lists."""
-    import mlx.core as mx
+def _read_metadata(gguf_path: Path, header: Dict[str, Any]) -> Dict[str, Any]:
+    """The full metadata, arrays (the tokenizer's vocabulary and merges) included.
 
+    The planning pass skips arrays to stay cheap; this second pass reads them with the same
+    bounded parser. The tensor table must be the one that was planned (the file may not change
+    between the two reads)."""
+    full = _parse_gguf_header(gguf_path, skip_arrays=False)
+    if full["tensors"] != header["tensors"] or full["data_start"] != header["data_start"]:
+        raise DupstudioError(f"{gguf_path}: the file changed while it was being converted")
+    return full["metadata"]
+
+
+def iter_gguf_tensors(gguf_path: PathLike, header: Optional[Dict[str, Any]] = None,
+                      *, cancel: Optional[CancelToken] = None):
+    """Yield ``(tensor info, float32 numpy array)`` for each tensor of a GGUF file, in file
+    order, decoding one tensor at a time (the array's shape is the row-major ``info["shape"]``).
+
+    ``header`` is a parsed header of this file (parsed here when omitted). A tensor of a type
+    that cannot be decoded raises DupstudioError naming the tensor, its type and the supported
+    types."""
+    gguf_path = Path(gguf_path)
+    if header is None:
+        header = _parse_gguf_header(gguf_path, skip_arrays=True)
     try:
-        arrays, raw_meta = mx.load(str(gguf_path), return_metadata=True)
-    except Exception as exc:  # mlx raises ValueError/RuntimeError with its own wording
-        raise DupstudioError(f"{gguf_path}: mlx cannot read this GGUF file ({exc})") from exc
-    meta = {k: _scalar_meta(v) for k, v in raw_meta.items()}
-    for k, v in header["metadata"].items():
-        if not isinstance(v, _SkippedArray):
-            meta[k] = v
-    return arrays, meta
+        fh = open(gguf_path, "rb")
+    except OSError as exc:
+        raise DupstudioError(f"{gguf_path}: cannot be read ({exc.strerror or exc})") from exc
+    with fh:
+        for info in header["tensors"]:
+            if cancel is not None:
+                cancel.check()
+            try:
+                arr = read_tensor(fh, header["data_start"] + info["offset"], info["type"],
+                                  info["shape"], tensor=info["name"], source=str(gguf_path))
+            except OSError as exc:
+                raise DupstudioError(f"{gguf_path}: cannot read tensor {info['name']!r} "
+                                     f"({exc.strerror or exc})") from exc
+            yield info, arr
 
 
 def convert_gguf(
@@ -840,8 +863,8 @@ def convert_gguf(
     progress(0.02, "Hashing the GGUF file")
     digest = sha256_file(gguf_path, cancel=cancel)
     cancel.check()
-    progress(0.05, "Loading GGUF tensors")
-    arrays, meta = _load_gguf(gguf_path, plan["header"])
+    progress(0.05, "Reading the GGUF metadata")
+    meta = _read_metadata(gguf_path, plan["header"])
     cancel.check()
     progress(0.08, "Building the tokenizer")
     tok_files = _build_tokenizer_files(meta, gguf_path)
@@ -849,8 +872,7 @@ def convert_gguf(
     tmp = make_temp_dir(out_dir, "partial")
     try:
         with user_io(out_dir):
-            weights = _dequantize_all(arrays, plan, gguf_path, progress, cancel)
-            del arrays
+            weights = _dequantize_all(plan, gguf_path, progress, cancel)
             _write_conversion(tmp, weights, plan, meta, tok_files, gguf_path, digest, t0,
                               progress, cancel)
             del weights
@@ -862,24 +884,25 @@ def convert_gguf(
     return out_dir
 
 
-def _dequantize_all(arrays, plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> Dict[str, Any]:
-    """{HF name: float32 weight}, q/k rows back in the rotate-half layout."""
+def _dequantize_all(plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> Dict[str, Any]:
+    """{HF name: float32 mlx weight}, decoded tensor by tensor, q/k rows back in the
+    rotate-half layout."""
     import mlx.core as mx
 
     n_heads = plan["config"]["num_attention_heads"]
     n_kv = plan["config"]["num_key_value_heads"]
-    infos = plan["infos"]
+    n = len(plan["infos"])
     weights: Dict[str, Any] = {}
-    for i, (name, info) in enumerate(infos.items()):
-        cancel.check()
-        w = _dequantize(mx, arrays, name, info, gguf_path)
+    tensors = iter_gguf_tensors(gguf_path, plan["header"], cancel=cancel)
+    for i, (info, w) in enumerate(tensors):
+        name = info["name"]
         if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
             w = _unpermute_rows(w, n_heads)
         elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
             w = _unpermute_rows(w, n_kv)
-        mx.eval(w)
-        weights[_hf_name(name)] = w
-        progress(0.1 + 0.75 * (i + 1) / len(infos), f"Dequantized {name} ({info['type']})")
+        weights[_hf_name(name)] = mx.array(w)
+        del w  # mlx holds its own copy; keep one decoded tensor alive at a time
+        progress(0.1 + 0.75 * (i + 1) / n, f"Dequantized {name} ({info['type']})")
     return weights
 
 
@@ -918,37 +941,6 @@ def _write_conversion(tmp: Path, weights, plan, meta, tok_files, gguf_path: Path
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_json(tmp / MARKER_NAME, marker)
-
-
-def _dequantize(mx, arrays: Dict[str, Any], name: str, info: Dict[str, Any], gguf_path: Path):
-    if name not in arrays:
-        raise DupstudioError(f"{gguf_path}: mlx did not return tensor {name!r}")
-    w = arrays[name]
-    ttype = info["type"]
-    shape = tuple(info["shape"])
-    if ttype in _QUANT_BITS:
-        base = name[: -len(".weight")] if name.endswith(".weight") else name
-        scales = arrays.get(base + ".scales")
-        biases = arrays.get(base + ".biases")
-        if scales is None or biases is None:
-            raise DupstudioError(f"{gguf_path}: mlx returned {name!r} ({ttype}) without scales/biases")
-        in_features = shape[-1]
-        group = in_features // scales.shape[-1]
-        bits = 32 * w.shape[-1] // in_features
-        if group != _QUANT_GROUP_SIZE[ttype] or bits != _QUANT_BITS[ttype] or group * scales.shape[-1] != in_features:
-            raise DupstudioError(
-                f"{gguf_path}: unexpected mlx layout for {name!r} ({ttype}): group {group}, bits {bits}"
-            )
-        out = mx.dequantize(
-            w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group, bits=bits
-        )
-    else:
-        out = w.astype(mx.float32)
-    if tuple(out.shape) != shape:
-        raise DupstudioError(
-            f"{gguf_path}: tensor {name!r} came back with shape {tuple(out.shape)}, expected {shape}"
-        )
-    return out
 
 
 def _check_shapes(shapes: Dict[str, tuple], cfg: Dict[str, Any], gguf_path: Path) -> None:
