@@ -374,6 +374,89 @@ def calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: Ca
     resumes a stopped run. ``stream``: one block's float weights in memory at a time (read
     lazily from the model's files, released after use; ``spill``: activations memory-mapped),
     same result: :func:`dupstudio.core.streaming.calibrate_streamed`."""
+    kw = dict(progress=progress, cancel=cancel, on_loss=on_loss, checkpoint_dir=checkpoint_dir,
+              blocks=blocks, stream=stream, spill=spill)
+    if not checkpoint_dir:
+        return _calibrate(loaded, cfg, tokens, settings, **kw)
+    lock = claim_checkpoint(Path(checkpoint_dir), run_fingerprint(loaded, cfg, tokens, settings))
+    try:
+        return _calibrate(loaded, cfg, tokens, settings, **kw)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def run_fingerprint(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: CalibSettings) -> str:
+    """What a checkpoint folder's blocks depend on: the model, the configuration (its tensors
+    included), the calibration tokens and the settings. A resume is only right when all match."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": str(loaded.source), "shape": model_shape(loaded.config),
+                         "settings": settings.key(),
+                         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("provenance", "results")}},
+                        sort_keys=True, default=str).encode())
+    for name in sorted(cfg.tensors):
+        a = np.array(cfg.tensors[name])
+        h.update(f"{name}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
+    return h.hexdigest()[:24]
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_checkpoint(ck: Path, fingerprint: str) -> Path:
+    """Make ``ck`` this run's checkpoint folder and return its lock file.
+
+    Refused, with the reason, when another live process holds the folder (two runs writing one
+    output would delete each other's blocks) or when its blocks came from another model,
+    configuration, text or settings (resuming them would mix two runs)."""
+    import os
+
+    from dupstudio.core.config import atomic_write_bytes
+
+    ck.mkdir(parents=True, exist_ok=True)
+    lock = ck / "lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _pid_alive(pid):
+            raise DupstudioError(f"{ck}: another calibration (process {pid}) is writing here; wait "
+                                 "for it to finish or choose another output") from None
+        lock.unlink(missing_ok=True)  # left by a run that was killed
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    run = ck / "run.json"
+    try:
+        old = json.loads(run.read_text()).get("fingerprint") if run.exists() else None
+    except (OSError, json.JSONDecodeError):
+        old = None
+    has_blocks = any(ck.glob("block_*.json"))
+    if has_blocks and old != fingerprint:
+        lock.unlink(missing_ok=True)
+        raise DupstudioError(f"{ck} holds finished blocks of another run (a different model, "
+                             "configuration, calibration text or settings); delete that folder to "
+                             "start afresh, or rerun exactly as before to resume")
+    if old != fingerprint:
+        atomic_write_bytes(run, json.dumps({"fingerprint": fingerprint}).encode())
+    return lock
+
+
+def _calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: CalibSettings, *,
+               progress, cancel, on_loss, checkpoint_dir, blocks, stream, spill) -> Config:
     from dupstudio.core.config import validate
 
     if stream:
@@ -546,9 +629,12 @@ def _ck_paths(ck: Path, k: int):
 def _save_checkpoint(ck, k, settings, tensors, gains, beta, rec):
     from dupstudio.core.config import atomic_write_bytes
 
+    import os
+
     st, js = _ck_paths(ck, k)
     if tensors:
-        tmp = st.with_suffix(".tmp.safetensors")
+        # the process id in the name: a killed run's leftover never collides with a live one's
+        tmp = st.with_name(f".{st.stem}.tmp-{os.getpid()}.safetensors")
         mx.save_safetensors(str(tmp), tensors)
         tmp.replace(st)
     atomic_write_bytes(js, json.dumps({"settings": settings.key(), "gains": gains, "beta": beta,

@@ -107,6 +107,54 @@ def test_resume_gives_the_same_result(tiny_loaded, shape, cal, tmp_path):
         assert a.calibration["loss_after"] == pytest.approx(b.calibration["loss_after"], rel=1e-5)
 
 
+def test_a_checkpoint_of_another_run_is_refused_not_resumed(tiny_loaded, shape, cal, tmp_path):
+    """Blocks finished for one configuration/text must not be spliced into another run."""
+    s = _settings(steps=2)
+    tok = CancelToken()
+
+    def stop_after_block0(frac, msg):
+        if msg.startswith("block 1: step"):
+            tok.cancel()
+
+    with pytest.raises(Cancelled):
+        calibrate(tiny_loaded, C.new_config(shape), cal, s, checkpoint_dir=tmp_path, cancel=tok,
+                  progress=stop_after_block0)
+    assert not (tmp_path / "lock").exists()  # released when the run ended
+    other_cfg = C.new_config(shape, strategy="percentile")
+    with pytest.raises(DupstudioError, match="another run"):
+        calibrate(tiny_loaded, other_cfg, cal, s, checkpoint_dir=tmp_path)
+    with pytest.raises(DupstudioError, match="another run"):
+        calibrate(tiny_loaded, C.new_config(shape), cal[::-1].copy(), s, checkpoint_dir=tmp_path)
+    with pytest.raises(DupstudioError, match="another run"):
+        calibrate(tiny_loaded, C.new_config(shape), cal, _settings(steps=3), checkpoint_dir=tmp_path)
+    # the same run again resumes (block 0 from its checkpoint)
+    msgs = []
+    calibrate(tiny_loaded, C.new_config(shape), cal, s, checkpoint_dir=tmp_path,
+              progress=lambda f, m: msgs.append(m))
+    assert any("block 0: resumed from checkpoint" in m for m in msgs)
+
+
+def test_two_runs_on_one_checkpoint_folder_collide_with_a_message(tiny_loaded, shape, cal, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.mkdir(exist_ok=True)
+        (tmp_path / "lock").write_text(str(live.pid))
+        with pytest.raises(DupstudioError, match=f"process {live.pid}"):
+            calibrate(tiny_loaded, C.new_config(shape), cal, _settings(steps=1), checkpoint_dir=tmp_path)
+        assert (tmp_path / "lock").read_text() == str(live.pid)  # the other run's lock is left alone
+    finally:
+        live.kill()
+        live.wait()
+    # a lock left by a process that is gone is taken over
+    out = calibrate(tiny_loaded, C.new_config(shape), cal, _settings(steps=1), checkpoint_dir=tmp_path)
+    assert out.blocks[0].calibration is not None and not (tmp_path / "lock").exists()
+    assert not list(tmp_path.glob(".*.tmp-*")) and os.getpid()  # no temp files left behind
+
+
 def test_replicas_start_at_k1(tiny_loaded, shape, cal):
     """Zero Adam steps: a K=2 block calibrates to α=0 (serial) / w=[1,0] (parallel)."""
     for mode, gains in (("serial", [1.0, 0.0]), ("parallel", [1.0, 0.0])):
