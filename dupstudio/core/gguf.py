@@ -896,10 +896,13 @@ def _dequantize_all(plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> 
     tensors = iter_gguf_tensors(gguf_path, plan["header"], cancel=cancel)
     for i, (info, w) in enumerate(tensors):
         name = info["name"]
-        if name.endswith("attn_q.weight") or name.endswith("attn_q.bias"):
-            w = _unpermute_rows(w, n_heads)
-        elif name.endswith("attn_k.weight") or name.endswith("attn_k.bias"):
-            w = _unpermute_rows(w, n_kv)
+        heads = n_heads if name.endswith(("attn_q.weight", "attn_q.bias")) else \
+            n_kv if name.endswith(("attn_k.weight", "attn_k.bias")) else None
+        if heads is not None:
+            try:
+                w = _unpermute_rows(w, heads)
+            except ValueError as exc:  # a bias's length is not checked against the config
+                raise DupstudioError(f"{gguf_path}: tensor {name!r}: {exc}") from exc
         weights[_hf_name(name)] = mx.array(w)
         del w  # mlx holds its own copy; keep one decoded tensor alive at a time
         progress(0.1 + 0.75 * (i + 1) / n, f"Dequantized {name} ({info['type']})")
