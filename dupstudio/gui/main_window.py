@@ -456,8 +456,8 @@ class MainWindow(QMainWindow):
         text = self.calibration.text.path() or str(default_calibration_text() or "")
         s = self.calibration.settings()
         note = (f"Calibration settings come from the Calibration tab ({s.method}, {s.steps} steps, "
-                f"{s.seqs} × {s.seq_len} tokens); latency is predicted for the "
-                f"{self._search_profile() or 'default'} profile. The result replaces the configuration "
+                f"{s.seqs} × {s.seq_len} tokens); latency is predicted for "
+                f"{self.roofline.search_profile_label()}. The result replaces the configuration "
                 "(Ctrl+Z restores it).")
         dlg = SearchDialog(text, note, self)
         if dlg.exec() != QDialog.Accepted:
@@ -760,10 +760,9 @@ class MainWindow(QMainWindow):
 
     # ================================================================== search
     def _search_profile(self) -> Optional[str]:
-        from dupstudio.gui.panels.roofline import MACHINE
-
-        name = self.roofline.profile.currentData()
-        return str(name) if name and name != MACHINE else None
+        """The profile the Roofline tab shows (this machine once measured there), for the search's
+        latency budget."""
+        return self.roofline.search_profile()
 
     def search_configurations(self, values: Optional[dict] = None) -> bool:
         """The budgeted search (core ``search.search``) on the worker; its result replaces the

@@ -177,6 +177,18 @@ class JobBar(QWidget):
         self.message.setText(message)
 
 
+class Plot(pg.PlotWidget):
+    """A PlotWidget whose legend row (below the axes) re-wraps its entries to the width."""
+
+    legend_label = None
+    legend_entries: list = []
+
+    def resizeEvent(self, ev):  # noqa: N802
+        super().resizeEvent(ev)
+        if self.legend_label is not None and self.legend_entries:
+            _layout_legend(self)
+
+
 def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False, log_y: bool = False,
               legend: bool = False, legend_at: str = "below") -> pg.PlotWidget:
     """A plot in the window's style. ``legend``: a legend row *below* the axes (see
@@ -185,7 +197,7 @@ def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False,
     from dupstudio.gui import theme
 
     c = theme.colors()
-    w = pg.PlotWidget(background=c["plot_bg"])
+    w = Plot(background=c["plot_bg"])
     item = w.getPlotItem()
     if title:
         item.setTitle(title, size="10pt")
@@ -204,6 +216,7 @@ def make_plot(title: str = "", x: str = "", y: str = "", *, log_x: bool = False,
     item.showGrid(x=True, y=True, alpha=0.2)
     item.setLogMode(log_x, log_y)
     w.legend_label = None
+    w.legend_entries = []
     if legend:
         lab = pg.LabelItem("", size="8pt", color=c["axis_text"], justify="left")
         _shrinkable(lab)
@@ -230,16 +243,38 @@ LEGEND_GLYPHS = {"line": "━━", "dash": "╍╍", "o": "●", "o_hollow": "�
                  "d": "◆", "d_hollow": "◇", "box": "■", "hatch": "▨", "t": "▲"}
 
 
-def set_legend(plot: pg.PlotWidget, entries: list, per_line: int = 4) -> None:
+def set_legend(plot: pg.PlotWidget, entries: list, per_line: int = 0) -> None:
     """The legend row below ``plot``: ``entries`` are (glyph, colour, text), glyph one of
-    :data:`LEGEND_GLYPHS` (line, dash, o, o_hollow, s, s_hollow, d, box, hatch)."""
-    lab = getattr(plot, "legend_label", None)
-    if lab is None:
+    :data:`LEGEND_GLYPHS` (line, dash, o, o_hollow, s, s_hollow, d, box, hatch, t) or "" for a plain
+    note. Entries wrap to the plot's width (``per_line`` > 0: at most that many per line)."""
+    if getattr(plot, "legend_label", None) is None:
         return
-    parts = [f"<span style='color:{color}'>{LEGEND_GLYPHS.get(glyph, glyph)}</span>&nbsp;{text}"
-             for glyph, color, text in entries]
-    lines = ["&nbsp;&nbsp;&nbsp;".join(parts[i:i + per_line]) for i in range(0, len(parts), per_line)]
-    lab.setText("<br>".join(lines))
+    plot.legend_entries = list(entries)
+    plot.legend_per_line = per_line
+    _layout_legend(plot)
+
+
+def _layout_legend(plot) -> None:
+    from PySide6.QtGui import QFontMetrics
+
+    lab, entries = plot.legend_label, plot.legend_entries
+    f = QFont()
+    f.setPointSize(8)
+    fm = QFontMetrics(f)
+    room = max(200, plot.width() - 70)
+    per_line = getattr(plot, "legend_per_line", 0)
+    lines, line, used = [], [], 0
+    for glyph, color, text in entries:
+        shown = LEGEND_GLYPHS.get(glyph, glyph)
+        width = fm.horizontalAdvance(f"{shown} {text}") + 24
+        if line and (used + width > room or (per_line and len(line) >= per_line)):
+            lines.append(line)
+            line, used = [], 0
+        line.append(f"<span style='color:{color}'>{shown}</span>&nbsp;{text}" if shown else text)
+        used += width
+    if line:
+        lines.append(line)
+    lab.setText("<br>".join("&nbsp;&nbsp;&nbsp;".join(parts) for parts in lines))
     lab.setMaximumHeight(16777215 if entries else 0)
     lab.setMinimumHeight(lab.itemRect().height() if entries else 0)
 
