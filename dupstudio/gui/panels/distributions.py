@@ -1,6 +1,10 @@
 """Distributions tab: one matrix's weight histogram with every replica's grid levels, the weights
 in the primary's code space, each replica's error histogram, and the per-block × per-matrix error
-heat map. A strategy combo previews another scale/zero strategy without changing the configuration."""
+heat map. A strategy combo previews another scale/zero strategy without changing the configuration.
+
+Legends sit below the charts (never over the histograms). The heat map's colours are absolute
+(0 % up to a round top, labelled), blocks still being computed are drawn grey and hatched, and
+pointing at a cell reads out its block, matrix and error."""
 from __future__ import annotations
 
 import math
@@ -22,9 +26,10 @@ from PySide6.QtWidgets import (
 
 from dupstudio.core.jobs import DupstudioError
 from dupstudio.core.model_io import MATRIX_NAMES
-from dupstudio.gui import tasks
+from dupstudio.gui import tasks, theme
 from dupstudio.gui.project import Project, snapshot
-from dupstudio.gui.widgets import REPLICA_COLORS, make_plot, placeholder
+from dupstudio.gui.strategies import describe
+from dupstudio.gui.widgets import ERROR_CMAP, REPLICA_COLORS, error_scale_top, make_plot, placeholder, set_legend
 
 
 class _HeatImage(pg.ImageItem):
@@ -99,10 +104,17 @@ class DistributionsPanel(QWidget):
                                    "code", "count", legend=True)
         self.error_plot = make_plot("Quantization error per replica, Ŵ − W", "error", "count", legend=True)
         self.heat_plot = make_plot("Relative weight error per block and matrix (primary replica)", "", "block")
+        heat_box = QVBoxLayout()
+        heat_box.setSpacing(2)
+        heat_box.addWidget(self.heat_plot, 1)
+        self.heat_readout = QLabel("Point at a cell to read its error; click it to show that matrix.")
+        self.heat_readout.setObjectName("heatReadout")
+        self.heat_readout.setStyleSheet(theme.muted_css())
+        heat_box.addWidget(self.heat_readout)
         grid.addWidget(self.weights_plot, 0, 0)
         grid.addWidget(self.code_plot, 0, 1)
         grid.addWidget(self.error_plot, 1, 0)
-        grid.addWidget(self.heat_plot, 1, 1)
+        grid.addLayout(heat_box, 1, 1)
         lay.addLayout(grid, 1)
 
         self.heat = _HeatImage()
@@ -113,10 +125,16 @@ class DistributionsPanel(QWidget):
         vb.setMouseEnabled(False, False)
         self.heat_plot.getPlotItem().showGrid(False, False)
         self.heat_plot.getPlotItem().setLabel("bottom", "matrix")
-        self.heat_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("inferno"),
+        self.heat_bar = pg.ColorBarItem(values=(0, 100), colorMap=pg.colormap.get(ERROR_CMAP),
                                         label="relative error (%)", interactive=False, width=14)
-        self.heat_bar.setImageItem(self.heat, insert_in=self.heat_plot.getPlotItem())
+        # not linked to the image (it is drawn in RGBA: grey for pending blocks), only placed beside it
+        heat_pi = self.heat_plot.getPlotItem()
+        heat_pi.layout.addItem(self.heat_bar, 2, 5)
+        heat_pi.layout.setColumnFixedWidth(4, 5)
+        self.heat_top = 100.0
+        self.heat_pending: list = []  # hatched rectangles over blocks still being computed
         self.heat_data: Optional[np.ndarray] = None
+        self.heat_plot.scene().sigMouseMoved.connect(self._heat_hover)
         for p in (self.weights_plot, self.code_plot, self.error_plot):
             placeholder(p, "open a model")
 
@@ -150,8 +168,10 @@ class DistributionsPanel(QWidget):
         p = self.project
         own = p.config.block_quant(self.block.value())[2] if p.config is not None else "minmax"
         self.strategy.addItem(f"block's setting ({own})", None)
+        self.strategy.setItemData(0, describe("strategy", own), Qt.ToolTipRole)
         for s in Q.STRATEGIES:
             self.strategy.addItem(f"preview: {s}", s)
+            self.strategy.setItemData(self.strategy.count() - 1, describe("strategy", s), Qt.ToolTipRole)
         i = self.strategy.findData(cur)
         self.strategy.setCurrentIndex(max(i, 0))
         self.strategy.blockSignals(False)
@@ -241,7 +261,7 @@ class DistributionsPanel(QWidget):
         if rid != self._request or message == "cancelled":
             return
         self.error = message
-        self.info.setText(f"<span style='color:#8b0000'>{message}</span>")
+        self.info.setText(f"<span style='color:{theme.banner_colors('error')[2]}'>{message}</span>")
         self.window.show_error(message)
 
     def _on_detail(self, rid: int, d: dict, preview) -> None:
@@ -271,23 +291,26 @@ class DistributionsPanel(QWidget):
         self.info.setText(
             f"<b>block {d['block']} · {d['matrix']}</b> {d['shape'][0]}×{d['shape'][1]} · {d['bits']}-bit, "
             f"group {d['group_size']}, {strat}{' (preview)' if preview else ''} · K = {K} · relative error "
-            f"{stats}<br><span style='color:#555'>grid of row {d['row']}, group {d['group']}: {sb}</span>")
+            f"{stats}<br><span style='color:{theme.muted()}'>grid of row {d['row']}, group {d['group']}: {sb}</span>")
 
+        fg = theme.colors()["axis_text"]
+        hist_pen = pg.mkPen(theme.muted(), width=1)
         wp = self.weights_plot.getPlotItem()
         wp.clear()
         wp.addItem(pg.PlotDataItem(d["weight_edges"], d["weight_counts"], stepMode="center", fillLevel=0,
-                                   brush=(120, 120, 120, 90), pen=pg.mkPen("#555", width=1),
-                                   name="all weights"))
+                                   brush=(120, 120, 120, 90), pen=hist_pen))
         top = float(max(d["weight_counts"].max(), 1))
         gw = np.asarray(d["group_weights"])
         wp.addItem(pg.ScatterPlotItem(gw, np.full(gw.shape, -0.03 * top), symbol="t1", size=7,
-                                      pen=None, brush=pg.mkBrush("#000"), name="chosen group's weights"))
+                                      pen=None, brush=pg.mkBrush(fg)))
+        legend = [("box", "#888888", "all weights"), ("t", fg, "the chosen group's weights")]
         for i, lv in enumerate(d["levels"]):
             color = REPLICA_COLORS[i % 4]
             pen = pg.mkPen(color, width=1.6, style=Qt.SolidLine if i == 0 else Qt.DashLine)
             for x in lv:
                 wp.addItem(pg.InfiniteLine(pos=x, angle=90, pen=pen))
-            wp.addItem(pg.PlotDataItem([], [], pen=pen, name=f"replica {i + 1} levels"))
+            legend.append(("line" if i == 0 else "dash", color, f"replica {i + 1} grid levels"))
+        set_legend(self.weights_plot, legend)
         wp.setYRange(-0.07 * top, top * 1.05, padding=0)
         lo, hi = d["weight_edges"][0], d["weight_edges"][-1]
         allx = [x for lv in d["levels"] for x in lv]
@@ -296,27 +319,39 @@ class DistributionsPanel(QWidget):
         cp = self.code_plot.getPlotItem()
         cp.clear()
         cp.addItem(pg.PlotDataItem(d["code_edges"], d["code_counts"], stepMode="center", fillLevel=0,
-                                   brush=(120, 120, 120, 90), pen=pg.mkPen("#555", width=1), name="weights"))
+                                   brush=(120, 120, 120, 90), pen=hist_pen))
+        legend = [("box", "#888888", "weights of all groups")]
         for i, lv in enumerate(d["code_levels"]):
-            pen = pg.mkPen(REPLICA_COLORS[i % 4], width=1.6, style=Qt.SolidLine if i == 0 else Qt.DashLine)
+            color = REPLICA_COLORS[i % 4]
+            pen = pg.mkPen(color, width=1.6, style=Qt.SolidLine if i == 0 else Qt.DashLine)
             for x in lv:
                 if math.isfinite(x):
                     cp.addItem(pg.InfiniteLine(pos=x, angle=90, pen=pen))
-            cp.addItem(pg.PlotDataItem([], [], pen=pen, name=f"replica {i + 1} (median over groups)"))
+            legend.append(("line" if i == 0 else "dash", color,
+                           f"replica {i + 1} levels" + (" (median over groups)" if i else "")))
+        set_legend(self.code_plot, legend)
         cp.setXRange(d["code_edges"][0], d["code_edges"][-1], padding=0)
 
         ep = self.error_plot.getPlotItem()
         ep.clear()
+        legend = []
         for i, counts in enumerate(d["error_counts"]):
             color = REPLICA_COLORS[i % 4]
             ep.addItem(pg.PlotDataItem(d["error_edges"], counts, stepMode="center",
                                        pen=pg.mkPen(color, width=1.5),
                                        fillLevel=0 if i == 0 else None,
-                                       brush=(214, 39, 40, 40) if i == 0 else None,
-                                       name=f"replica {i + 1}: {100 * d['stats'][i]['rel_fro']:.2f} %"))
+                                       brush=(214, 39, 40, 40) if i == 0 else None))
+            legend.append(("line", color, f"replica {i + 1}: {100 * d['stats'][i]['rel_fro']:.2f} % relative error"))
+        set_legend(self.error_plot, legend)
         ep.setXRange(d["error_edges"][0], d["error_edges"][-1], padding=0)
 
     def update_heatmap(self) -> None:
+        """Block × matrix relative error on an absolute scale: 0 % up to the first round value
+        above the largest error (labelled on the colour bar). Blocks whose error is still being
+        computed are grey and hatched, never coloured as if they had the lowest error."""
+        from PySide6.QtGui import QBrush, QColor, QPen
+        from PySide6.QtWidgets import QGraphicsRectItem
+
         p = self.project
         n = p.num_blocks
         if n == 0:
@@ -329,20 +364,57 @@ class DistributionsPanel(QWidget):
                     data[j, k] = 100 * m["matrices"][name][0]["rel_fro"]
         self.heat_data = data
         finite = data[np.isfinite(data)]
-        lo, hi = (float(finite.min()), float(np.percentile(finite, 98))) if finite.size else (0.0, 1.0)
-        clipped = finite.size and float(finite.max()) > hi * 1.001
-        if hi <= lo:
-            hi = lo + 1e-6
-        img = np.where(np.isfinite(data), data, lo)
-        self.heat.setImage(img, autoLevels=False, levels=(lo, hi))
-        self.heat_bar.setLevels((lo, hi))
+        top = error_scale_top(float(finite.max())) if finite.size else 100.0
+        self.heat_top = top
+        cmap = pg.colormap.get(ERROR_CMAP)
+        lut = cmap.getLookupTable(0.0, 1.0, 256, alpha=True)
+        idx = np.clip(np.nan_to_num(data / top, nan=0.0), 0, 1) * 255
+        rgba = lut[idx.astype(np.int64)].astype(np.ubyte)
+        pending = np.isnan(data)
+        grey = QColor(theme.colors()["pending"])
+        rgba[pending] = (grey.red(), grey.green(), grey.blue(), 255)
+        self.heat.setImage(rgba, autoLevels=False)
+        self.heat_bar.setLevels((0.0, top))
         pi = self.heat_plot.getPlotItem()
+        for r in self.heat_pending:
+            pi.removeItem(r)
+        self.heat_pending = []
+        cols = np.where(pending.any(axis=0))[0]
+        hatch = QBrush(QColor(theme.colors()["axis"]), Qt.BDiagPattern)
+        for k in cols:  # a pending block is pending for every matrix: one hatched band per block
+            rect = QGraphicsRectItem(0, float(k), float(len(MATRIX_NAMES)), 1.0)
+            rect.setBrush(hatch)
+            rect.setPen(QPen(Qt.NoPen))
+            pi.addItem(rect)
+            self.heat_pending.append(rect)
         pi.getAxis("bottom").setTicks([[(j + 0.5, name.replace("_proj", "")) for j, name in enumerate(MATRIX_NAMES)]])
         step = max(1, int(math.ceil(n / 15)))
         pi.getAxis("left").setTicks([[(k + 0.5, str(k)) for k in range(0, n, step)]])
         pi.getViewBox().setRange(xRange=(0, len(MATRIX_NAMES)), yRange=(0, n), padding=0)
-        missing = int(np.isnan(data).any(axis=0).sum())
+        missing = len(cols)
         pi.setTitle("Relative weight error per block and matrix (primary replica)"
-                    + (f" · {missing} pending" if missing else ""), size="10pt")
-        self.heat_bar.getAxis("left").setLabel(
-            f"rel. error (%), clipped at p98 (max {float(finite.max()):.0f})" if clipped else "relative error (%)")
+                    + (f" · {missing} block{'s' if missing != 1 else ''} still computing (hatched)" if missing else ""),
+                    size="10pt")
+        self.heat_bar.getAxis("left").setLabel(f"relative error, 0 – {top:g} %")
+
+    def heat_text(self, x: int, y: int) -> str:
+        """The read-out of cell (matrix x, block y)."""
+        if self.heat_data is None or not (0 <= x < len(MATRIX_NAMES) and 0 <= y < self.heat_data.shape[1]):
+            return ""
+        v = self.heat_data[x, y]
+        what = f"block {y} · {MATRIX_NAMES[x]}"
+        if not math.isfinite(v):
+            return f"{what}: still being computed"
+        m = self.project.metrics_for(y)
+        sq = m["matrices"][MATRIX_NAMES[x]][0]["sqnr_db"] if m else None
+        return f"{what}: relative error {v:.2f} %" + (f", SQNR {sq:.1f} dB" if sq is not None else "") + \
+            " (click to show it above)"
+
+    def _heat_hover(self, pos) -> None:
+        vb = self.heat_plot.getPlotItem().getViewBox()
+        if not vb.sceneBoundingRect().contains(pos):
+            return
+        pt = vb.mapSceneToView(pos)
+        text = self.heat_text(int(math.floor(pt.x())), int(math.floor(pt.y())))
+        if text:
+            self.heat_readout.setText(text)
