@@ -1,6 +1,10 @@
 """Evaluation tab: perplexity (with a bootstrap interval), KL and top-1 agreement of the current
 configuration against the float model; every run this session lands in a comparison table that
-can be exported as CSV."""
+can be exported as CSV.
+
+The text starts empty (the bundled text is the calibration text, and perplexity measured on the
+text a configuration was calibrated on flatters it): the first run asks for one, and a warning
+shows whenever the chosen text is the calibration text."""
 from __future__ import annotations
 
 import csv
@@ -27,9 +31,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dupstudio.gui import tasks
+from dupstudio.gui import tasks, theme
 from dupstudio.gui.project import Project, config_summary, snapshot
-from dupstudio.gui.widgets import JobBar, PathEdit, fmt_float, log_ticks, make_plot, placeholder
+from dupstudio.gui.widgets import JobBar, PathEdit, fmt_float, install_copy, log_ticks, make_plot, placeholder, set_legend
 
 HEADERS = ["#", "Configuration", "Details", "Bits / weight", "Perplexity", "95% interval", "KL (nats)",
            "Top-1 agreement", "Windows × ctx", "Seconds"]
@@ -49,10 +53,22 @@ class EvaluationPanel(QWidget):
 
         lay = QVBoxLayout(self)
         top = QHBoxLayout()
-        box = QGroupBox("Evaluation settings (decision 7: non-overlapping windows from the start, no BOS)")
+        box = QGroupBox("Evaluation settings")
+        box.setToolTip("The text is cut into non-overlapping windows from its start (no BOS token); "
+                       "perplexity is averaged over every token of those windows")
         form = QFormLayout(box)
         self.text = PathEdit("Choose an evaluation text")
+        self.text.edit.setPlaceholderText("choose a text that is not the calibration text…")
         form.addRow("Text file:", self.text)
+        self.same_text = QLabel("")
+        self.same_text.setObjectName("evalSameText")
+        self.same_text.setWordWrap(True)
+        bg, border, fg = theme.banner_colors("warning")
+        self.same_text.setStyleSheet(f"QLabel {{ background: {bg}; border: 1px solid {border}; color: {fg};"
+                                     " border-radius: 4px; padding: 3px 6px; }")
+        self.same_text.hide()
+        form.addRow(self.same_text)
+        self.text.changed.connect(lambda _t: self.check_text())
         row = QHBoxLayout()
         self.windows = QSpinBox()
         self.windows.setRange(1, 100000)
@@ -99,6 +115,8 @@ class EvaluationPanel(QWidget):
         hh.setSectionResizeMode(2, QHeaderView.Stretch)
         self.table.setWordWrap(False)
         self.table.setTextElideMode(Qt.ElideRight)
+        install_copy(self.table, lambda n: self.window.show_status(f"Copied {n} run{'s' if n != 1 else ''} "
+                                                                   "(tab-separated)"))
         left.addWidget(self.table, 1)
         row = QHBoxLayout()
         self.export_button = QPushButton("Export CSV…")
@@ -110,12 +128,52 @@ class EvaluationPanel(QWidget):
         row.addStretch(1)
         left.addLayout(row)
         body.addLayout(left, 5)
-        self.plot = make_plot("Perplexity of the runs (log scale)", "run", "perplexity")
+        self.plot = make_plot("Perplexity of the runs (log scale)", "", "perplexity", legend=True)
         body.addWidget(self.plot, 2)
         lay.addLayout(body, 1)
         placeholder(self.plot, "no runs yet")
         project.model_changed.connect(self._sync)
         self._sync()
+
+    # ------------------------------------------------------------------ the text
+    def calibration_texts(self) -> list:
+        """The texts this session calibrates on: the Calibration tab's and the bundled one."""
+        from dupstudio.gui.panels.calibration import default_calibration_text
+
+        out = []
+        cal = getattr(self.window, "calibration", None)
+        if cal is not None and cal.text.path():
+            out.append(cal.text.path())
+        d = default_calibration_text()
+        if d:
+            out.append(str(d))
+        return out
+
+    def is_calibration_text(self, path: str) -> bool:
+        """``path`` is (the same file as, or has the same content as) a calibration text."""
+        if not path:
+            return False
+        a = Path(path).expanduser()
+        for c in self.calibration_texts():
+            b = Path(c).expanduser()
+            try:
+                if a.resolve() == b.resolve():
+                    return True
+                if a.is_file() and b.is_file() and a.stat().st_size == b.stat().st_size \
+                        and a.read_bytes() == b.read_bytes():
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def check_text(self) -> bool:
+        """Show (or hide) the warning that the chosen text is the calibration text."""
+        same = self.is_calibration_text(self.text.path())
+        self.same_text.setText("⚠ This is the calibration text: a configuration calibrated on it will look "
+                               "better here than on text it has not seen. Choose another text for a fair "
+                               "comparison." if same else "")
+        self.same_text.setVisible(same)
+        return same
 
     def _sync(self) -> None:
         ok = self.project.has_model and not (self.job is not None and self.job.active)
@@ -134,8 +192,13 @@ class EvaluationPanel(QWidget):
                 return False
             self.text.set_path(path)
         cfg = None if full_precision else snapshot(p.config)
-        label = "full precision" if full_precision else f"{p.display_name}{'*' if p.dirty else ''}"
+        label = "full precision" if full_precision else self.config_label()
         details = ("float weights" if full_precision else config_summary(p.config))
+        on_cal = self.check_text()
+        if on_cal:
+            label += " (on the calibration text)"
+            self.window.show_status("Evaluating on the calibration text: the result flatters a calibrated "
+                                    "configuration.")
         bpw = 16.0 if full_precision else self.window.totals.values.get("bits_per_weight", math.nan)
         self.bar.running("Evaluating…")
         self.job = self.window.runner.submit(
@@ -147,6 +210,14 @@ class EvaluationPanel(QWidget):
         self.window.settings.setValue("evaluation/text", path)
         self._sync()
         return True
+
+    def config_label(self) -> str:
+        """How a run of the current configuration is named: its file (and whether it was edited
+        since it was saved), or "unsaved configuration"."""
+        p = self.project
+        if p.path is None:
+            return "unsaved configuration"
+        return f"{p.path.name} (edited)" if p.dirty else p.path.name
 
     def cancel(self) -> None:
         if self.job is not None:
@@ -193,35 +264,40 @@ class EvaluationPanel(QWidget):
         self.update_plot()
 
     def update_plot(self) -> None:
+        """One bar per run on a log scale, its 95 % interval, the value written inside the bar
+        (never outside the axes), runs named in the legend row below."""
         pi = self.plot.getPlotItem()
         pi.clear()
         if not self.rows:
+            set_legend(self.plot, [])
             return
         xs = np.arange(1, len(self.rows) + 1, dtype=float)
         ppl = np.array([max(r["ppl"], 1e-9) for r in self.rows])
         y = np.log10(ppl)
         lo = np.log10(np.maximum([r["ppl_ci95_low"] for r in self.rows], 1e-9))
         hi = np.log10(np.maximum([r["ppl_ci95_high"] for r in self.rows], 1e-9))
-        base = min(0.0, float(np.floor(y.min())))
-        brushes = ["#7f7f7f" if r["label"] == "full precision" else "#1f77b4" for r in self.rows]
+        base = float(min(y.min(), lo.min())) - 0.5  # every bar at least half a decade tall
+        fp, cf = "#7f7f7f", "#1f77b4"
+        brushes = [fp if r["label"] == "full precision" else cf for r in self.rows]
         pi.addItem(pg.BarGraphItem(x=xs, y0=base, height=y - base, width=0.6, brushes=brushes, pen=None))
-        pi.addItem(pg.ErrorBarItem(x=xs, y=y, top=hi - y, bottom=y - lo, beam=0.2, pen=pg.mkPen("#000")))
-        top = float(np.ceil(max(hi.max(), y.max()) + 0.15))
-        pi.getAxis("left").setTicks([log_ticks(base, top)])
-        few = len(self.rows) <= 5
-        pi.getAxis("bottom").setTicks([[(x, f"#{r['run']} {r['label'][:18]}" if few else str(r["run"]))
-                                        for x, r in zip(xs, self.rows)]])
-        for x, v, h in zip(xs, ppl, hi):
-            t = pg.TextItem(f"{v:,.4g}", color="#222", anchor=(0.5, 1.0))
+        pi.addItem(pg.ErrorBarItem(x=xs, y=y, top=hi - y, bottom=y - lo, beam=0.2,
+                                   pen=pg.mkPen(theme.colors()["axis_text"])))
+        for x, v, yy in zip(xs, ppl, y):
+            t = pg.TextItem(f"{v:,.4g}", color="#ffffff", anchor=(0.5, 0.5))
             pi.addItem(t)
-            t.setPos(x, h + 0.02)
-        pi.setYRange(base - 0.02 * (top - base), top, padding=0)
+            t.setPos(x, (base + yy) / 2)
+        top = float(max(hi.max(), y.max())) + 0.1
+        pi.getAxis("left").setTicks([log_ticks(base, top)])
+        pi.getAxis("bottom").setTicks([[(x, f"#{r['run']}") for x, r in zip(xs, self.rows)]])
+        set_legend(self.plot, [("", "", f"#{r['run']} {r['label']}") for r in self.rows])
+        pi.setYRange(base, top, padding=0)
         pi.setXRange(0.4, len(self.rows) + 0.6, padding=0)
 
     def clear(self) -> None:
         self.rows = []
         self.table.setRowCount(0)
         self.plot.getPlotItem().clear()
+        set_legend(self.plot, [])
         self._sync()
 
     def export_csv(self, path: str) -> Path:
