@@ -56,13 +56,51 @@ METRICS_CHUNK = 4
 TABS = ("model", "layers", "distributions", "calibration", "evaluation", "generation", "roofline")
 
 
+def _block_list(blocks: list) -> str:
+    from dupstudio.gui.panels.calibration import describe_blocks
+
+    return f"block{'s' if len(blocks) != 1 else ''} {describe_blocks(blocks)}"
+
+
+def export_checks(cfg) -> dict:
+    """What the export confirmation says about ``cfg``: replicated blocks grouped by K and mode,
+    K = 1 blocks with β ≠ 1, and what is not calibrated (warnings)."""
+    groups: dict = {}
+    beta = []
+    uncal = []
+    for b in cfg.blocks:
+        if b.replicas > 1:
+            groups.setdefault((b.replicas, b.mode), []).append(b.index)
+            if not b.calibration:
+                uncal.append(b.index)
+        elif float(b.residual_gain) != 1.0:
+            beta.append(b.index)
+    warnings = []
+    if uncal:
+        warnings.append(f"{len(uncal)} of {sum(len(v) for v in groups.values())} replicated blocks are not "
+                        f"calibrated ({_block_list(uncal)}): their extra replicas keep their starting scales, "
+                        "which usually makes the model worse, not better. Calibrate them first (Calibration tab).")
+    elif not any(b.calibration for b in cfg.blocks):
+        warnings.append("Nothing in this configuration is calibrated: the export holds round-to-nearest scales "
+                        "only.")
+    return {"groups": groups, "beta": beta, "uncalibrated": uncal, "warnings": warnings}
+
+
 def export_preview_text(preview: dict) -> str:
-    """The export confirmation: size, bits/weight, and how the folder loads."""
+    """The export confirmation: size, bits/weight, and how the folder loads, in a few lines (a
+    summary of the replicated blocks, not one line per block)."""
     lines = [f"Size: {preview['bytes'] / 1e6:.1f} MB ({preview['bits_per_weight']:.3f} bits/weight in the "
              f"decoder blocks)"]
+    checks = preview.get("checks") or {}
     if preview.get("trust_remote_code"):
-        lines.append("Loading needs --trust-remote-code (custom model file)"
-                     + (": " + "; ".join(map(str, preview["reasons"])) if preview.get("reasons") else "") + ".")
+        parts = [f"K = {k} ({mode}) on {_block_list(blocks)}"
+                 for (k, mode), blocks in sorted(checks.get("groups", {}).items())]
+        if checks.get("beta"):
+            parts.append(f"β ≠ 1 on {_block_list(checks['beta'])}")
+        if not parts and preview.get("reasons"):
+            n = len(preview["reasons"])
+            parts.append(str(preview["reasons"][0]) + (f" and {n - 1} more" if n > 1 else ""))
+        lines.append("Loading needs --trust-remote-code (a small custom model file): " + "; ".join(parts) + ".")
     else:
         lines.append("Loads as a standard mlx-lm llama model (no --trust-remote-code needed).")
     return "\n".join(lines)
@@ -412,15 +450,22 @@ class MainWindow(QMainWindow):
                           "calibrate them, and see what it costs.")
 
     # ================================================================== dialogs (monkeypatched in tests)
+    def start_dir(self) -> str:
+        """Where file dialogs open: the folder last used, else the home folder (never the folder
+        the app happens to run from, e.g. its install tree)."""
+        last = str(self.settings.value("paths/last_dir", "") or "")
+        if last and Path(last).is_dir():
+            return last
+        return str(Path.home())
+
     def ask_open_path(self, caption: str, filter: str) -> Optional[str]:
-        start = str(self.settings.value("paths/last_dir", ""))
-        f, _ = QFileDialog.getOpenFileName(self, caption, start, filter)
+        f, _ = QFileDialog.getOpenFileName(self, caption, self.start_dir(), filter)
         if f:
             self.settings.setValue("paths/last_dir", str(Path(f).parent))
         return f or None
 
     def ask_save_path(self, caption: str, default_name: str, filter: str) -> Optional[str]:
-        start = str(Path(str(self.settings.value("paths/last_dir", ""))) / default_name)
+        start = str(Path(self.start_dir()) / default_name)
         f, _ = QFileDialog.getSaveFileName(self, caption, start, filter)
         if f:
             self.settings.setValue("paths/last_dir", str(Path(f).parent))
@@ -430,12 +475,14 @@ class MainWindow(QMainWindow):
         return self.ask_open_path(caption, "Text files (*.txt);;All files (*)")
 
     def ask_directory(self, caption: str) -> Optional[str]:
-        d = QFileDialog.getExistingDirectory(self, caption, str(self.settings.value("paths/last_dir", "")))
+        d = QFileDialog.getExistingDirectory(self, caption, self.start_dir())
+        if d:
+            self.settings.setValue("paths/last_dir", str(Path(d).parent))
         return d or None
 
     def ask_export_dir(self, default_name: str) -> Optional[str]:
         """The folder to export into (a new one, or an existing empty one)."""
-        start = str(Path(str(self.settings.value("paths/last_dir", ""))) / default_name)
+        start = str(Path(self.start_dir()) / default_name)
         d, _ = QFileDialog.getSaveFileName(self, "Export the model into a new folder", start, "Folders (*)",
                                            options=QFileDialog.DontConfirmOverwrite)
         if d:
@@ -443,10 +490,13 @@ class MainWindow(QMainWindow):
         return d or None
 
     def confirm_export(self, preview: dict) -> bool:
-        box = QMessageBox(QMessageBox.Question, "Export the model", export_preview_text(preview),
-                          QMessageBox.Ok | QMessageBox.Cancel, self)
-        box.button(QMessageBox.Ok).setText("Export")
-        box.setDefaultButton(QMessageBox.Ok)
+        warnings = (preview.get("checks") or {}).get("warnings") or []
+        box = QMessageBox(QMessageBox.Warning if warnings else QMessageBox.Question, "Export the model",
+                          export_preview_text(preview), QMessageBox.Ok | QMessageBox.Cancel, self)
+        if warnings:
+            box.setInformativeText("\n\n".join(warnings))
+        box.button(QMessageBox.Ok).setText("Export anyway" if warnings else "Export")
+        box.setDefaultButton(QMessageBox.Cancel if warnings else QMessageBox.Ok)
         return box.exec() == QMessageBox.Ok
 
     def ask_search_settings(self) -> Optional[dict]:
@@ -724,6 +774,7 @@ class MainWindow(QMainWindow):
         self.show_status(f"Estimating the export to {out_dir}…")
 
         def previewed(preview: dict) -> None:
+            preview = dict(preview, checks=export_checks(cfg))
             if not self.confirm_export(preview):
                 self._export_job = None
                 self._sync_actions()

@@ -120,7 +120,11 @@ class PathEdit(QWidget):
         lay.addWidget(b)
 
     def browse(self) -> Optional[str]:
-        f, _ = QFileDialog.getOpenFileName(self, self.caption, self.edit.text(), self.filter)
+        from pathlib import Path
+
+        cur = Path(self.edit.text().strip()).expanduser() if self.edit.text().strip() else None
+        start = str(cur.parent if cur is not None and cur.parent.is_dir() else Path.home())
+        f, _ = QFileDialog.getOpenFileName(self, self.caption, start, self.filter)
         if f:
             self.edit.setText(f)
         return f or None

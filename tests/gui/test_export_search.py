@@ -92,3 +92,66 @@ def test_search_dialog_and_export_text(qtbot):
     t = export_preview_text({"bytes": 12_300_000, "bits_per_weight": 2.75, "trust_remote_code": True,
                              "reasons": ["K = 2 on block 1"]})
     assert "12.3 MB" in t and "2.750" in t and "--trust-remote-code" in t and "K = 2 on block 1" in t
+
+
+def test_export_confirmation_is_a_summary_and_warns_when_uncalibrated(window, qtbot, tmp_path):
+    from dupstudio.gui.main_window import export_preview_text
+
+    p = window.project
+    p.edit_blocks([0, 1, 2], "replicas", 2)
+    previews = []
+    window.confirm_export = lambda preview: previews.append(preview) or False
+    with qtbot.waitSignal(window.export_finished, timeout=TIMEOUT_MS):
+        window.export_model(str(tmp_path / "out"))
+    pv = previews[0]
+    text = export_preview_text(pv)
+    assert len(text.splitlines()) <= 3 and "K = 2 (serial) on blocks 0–2" in text
+    assert "block 1:" not in text  # no list of one line per block
+    w = pv["checks"]["warnings"]
+    assert len(w) == 1 and "3 of 3 replicated blocks are not calibrated" in w[0]
+
+
+def test_export_of_a_many_block_config_stays_short():
+    from types import SimpleNamespace as NS
+
+    from dupstudio.gui.main_window import export_checks, export_preview_text
+
+    blocks = [NS(index=i, replicas=2 if i < 16 else 1, mode="serial", calibration={"accepted": True} if i < 16
+                 else None, residual_gain=1.0 if i != 20 else 0.9) for i in range(30)]
+    checks = export_checks(NS(blocks=blocks))
+    assert checks["warnings"] == []
+    text = export_preview_text({"bytes": 9e7, "bits_per_weight": 2.8, "trust_remote_code": True,
+                                "reasons": [f"block {i}: K = 2 (serial)" for i in range(16)], "checks": checks})
+    assert "K = 2 (serial) on blocks 0–15; β ≠ 1 on block 20" in text and len(text) < 250
+
+
+def test_file_dialogs_start_in_the_last_folder_else_home(window, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dupstudio.gui.main_window import MainWindow
+
+    window.settings.remove("paths/last_dir")
+    assert window.start_dir() == str(Path.home())
+    seen = []
+    monkeypatch.setattr("dupstudio.gui.main_window.QFileDialog.getSaveFileName",
+                        lambda parent, caption, start, *a, **k: (seen.append(start), ("", ""))[1])
+    MainWindow.ask_save_path(window, "Save", "cfg.json", "*.json")
+    assert seen[-1] == str(Path.home() / "cfg.json")
+    window.settings.setValue("paths/last_dir", str(tmp_path))
+    MainWindow.ask_save_path(window, "Save", "cfg.json", "*.json")
+    assert seen[-1] == str(tmp_path / "cfg.json")
+
+
+def test_saved_configuration_follows_the_umask(window, qtbot, tmp_path):
+    import os
+    import stat
+
+    window.project.edit_blocks([0], "replicas", 2)
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "cfg.json"
+        with qtbot.waitSignal(window.config_saved, timeout=TIMEOUT_MS):
+            assert window.save_as(str(path))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
