@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
+    QApplication,
     QCheckBox,
     QComboBox,
     QDialog,
@@ -28,7 +29,6 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QTabWidget,
     QUndoView,
     QVBoxLayout,
     QWidget,
@@ -46,12 +46,15 @@ from dupstudio.gui.panels.roofline import RooflinePanel
 from dupstudio.gui.panels.sensitivity import SensitivityPanel
 from dupstudio.gui.project import Project, baseline_config, common_group_sizes, snapshot
 from dupstudio.gui.text import user_message
-from dupstudio.gui.widgets import Banner, PathEdit, fmt_seconds
+from dupstudio.gui.widgets import Banner, PathEdit, ScrollingTabs, fmt_seconds
 from dupstudio.gui.worker import BACKGROUND, JobRunner
 
 ORGANIZATION = "dupstudio"
 APPLICATION = "dupstudio"
 MAX_RECENT = 8
+STATE_VERSION = 2  # window/state written by an older layout is not restored
+#: a dock's width the first time it opens (then the user's, remembered)
+DOCK_WIDTHS = {"history": 300, "sensitivity": 440}
 METRICS_CHUNK = 4
 TABS = ("model", "layers", "distributions", "calibration", "evaluation", "generation", "roofline")
 
@@ -104,6 +107,18 @@ def export_preview_text(preview: dict) -> str:
     else:
         lines.append("Loads as a standard mlx-lm llama model (no --trust-remote-code needed).")
     return "\n".join(lines)
+
+
+def _scroll(widget: QWidget) -> QWidget:
+    """``widget`` in a frameless scroll area: a dock narrower than its contents scrolls instead of
+    widening the window."""
+    from PySide6.QtWidgets import QFrame, QScrollArea
+
+    area = QScrollArea()
+    area.setWidget(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    return area
 
 
 def default_settings() -> QSettings:
@@ -268,6 +283,7 @@ class MainWindow(QMainWindow):
         self._progress_status = None
         self._closing_after_save = False
         self._shut = False
+        self._shown_once = False
         self._export_job = None
         self._search_job = None
         self._sensitivity_job = None
@@ -284,7 +300,7 @@ class MainWindow(QMainWindow):
         lay.setSpacing(4)
         self.banner = Banner()
         lay.addWidget(self.banner)
-        self.tabs = QTabWidget()
+        self.tabs = ScrollingTabs()
         self.tabs.setDocumentMode(True)
         lay.addWidget(self.tabs, 1)
         self.totals = TotalsBar(self.project)
@@ -337,22 +353,28 @@ class MainWindow(QMainWindow):
         self.runner.job_finished.connect(self._job_finished)
         self.runner.job_progress.connect(self._job_progress)
 
-        # ---------------------------------------------------------------- history dock
+        # ---------------------------------------------------------------- docks (right, tabified)
         self.history = QDockWidget("History", self)
         self.history.setObjectName("historyDock")
-        self.history.setWidget(QUndoView(self.project.undo_stack))
+        undo_view = QUndoView(self.project.undo_stack)
+        undo_view.setEmptyLabel("Opened (no edits yet)")
+        undo_view.setMinimumWidth(240)  # room to read "Set K = 2 on 3 blocks" and the like
+        undo_view.setWordWrap(True)
+        self.history.setWidget(undo_view)
         self.addDockWidget(Qt.RightDockWidgetArea, self.history)
         self.history.hide()
 
-        # ---------------------------------------------------------------- sensitivity dock
         self.sensitivity = SensitivityPanel()
         self.sensitivity_dock = QDockWidget("Sensitivity", self)
         self.sensitivity_dock.setObjectName("sensitivityDock")
-        self.sensitivity_dock.setWidget(self.sensitivity)
+        self.sensitivity_dock.setWidget(_scroll(self.sensitivity))
         self.addDockWidget(Qt.RightDockWidgetArea, self.sensitivity_dock)
+        self.tabifyDockWidget(self.history, self.sensitivity_dock)  # one column of the window, not two
         self.sensitivity_dock.hide()
         self.sensitivity.apply_requested.connect(self.apply_sensitivity)
         self.sensitivity.cancel_requested.connect(self.cancel_sensitivity)
+        for dock, width in ((self.history, DOCK_WIDTHS["history"]), (self.sensitivity_dock, DOCK_WIDTHS["sensitivity"])):
+            dock.visibilityChanged.connect(lambda shown, d=dock, w=width: shown and self._size_dock(d, w))
 
         self._build_menus()
         self.project.dirty_changed.connect(lambda _d: self._update_title())
@@ -1156,13 +1178,36 @@ class MainWindow(QMainWindow):
         model = Path(str(self.description.get("path", ""))).name or str(self.description.get("source"))
         self.setWindowTitle(f"{p.display_name}{'*' if p.dirty else ''} — {model} — dupstudio")
 
+    def _size_dock(self, dock, width: int) -> None:
+        """A dock opened for the first time gets a readable width (later: the remembered one),
+        never more than a third of the window."""
+        key = f"window/sized/{dock.objectName()}"
+        if self.settings.value(key, False) in (True, "true") or dock.isFloating():
+            return
+        self.settings.setValue(key, True)
+        self.resizeDocks([dock], [min(width, max(self.width() // 3, 200))], Qt.Horizontal)
+
+    def fit_to_screen(self) -> None:
+        """The window within the screen's available area (the first start's size, and after a
+        restore on a smaller screen)."""
+        screen = self.screen() or QApplication.primaryScreen()
+        if screen is None:
+            return
+        avail = screen.availableGeometry()
+        frame = self.frameGeometry().size() - self.size()  # title bar and borders, once decorated
+        w = min(self.width(), avail.width() - max(frame.width(), 0))
+        h = min(self.height(), avail.height() - max(frame.height(), 0))
+        if (w, h) != (self.width(), self.height()):
+            self.resize(w, h)
+
     def _restore_settings(self) -> None:
         geo = self.settings.value("window/geometry")
         if geo is not None:
             self.restoreGeometry(geo)
+        self.fit_to_screen()
         state = self.settings.value("window/state")
         if state is not None:
-            self.restoreState(state)
+            self.restoreState(state, STATE_VERSION)
         tab = self.settings.value("window/tab")
         if tab is not None:
             try:
@@ -1181,9 +1226,15 @@ class MainWindow(QMainWindow):
 
     def _save_settings(self) -> None:
         self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/state", self.saveState())
+        self.settings.setValue("window/state", self.saveState(STATE_VERSION))
         self.settings.setValue("window/tab", self.tabs.currentIndex())
         self.settings.sync()
+
+    def showEvent(self, ev) -> None:  # noqa: N802
+        super().showEvent(ev)
+        if not self._shown_once:
+            self._shown_once = True
+            self.fit_to_screen()
 
     def dragEnterEvent(self, ev) -> None:  # noqa: N802
         md = ev.mimeData()

@@ -51,8 +51,8 @@ def _hub_reason(inner: str) -> str:
 
 
 def user_message(text: Optional[str]) -> str:
-    """``text`` as a person reads it: bytes literals as quoted characters, no exception class
-    names, a hub failure in one short clause, no sentence twice."""
+    """``text`` as a person reads it: bytes literals as quoted characters, a hub failure in one
+    short clause (no library exception names), no sentence twice."""
     if not text:
         return ""
     t = " ".join(str(text).split())
@@ -60,7 +60,6 @@ def user_message(text: Optional[str]) -> str:
     m = re.search(r"(from the Hugging Face hub) \((.*)\)\s*$", t)
     if m:
         t = t[:m.start()] + f"{m.group(1)}: {_hub_reason(m.group(2))}"
-    t = _EXC_PREFIX.sub("", t)
     return _dedupe_sentences(t)
 
 

@@ -15,7 +15,9 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
+    QTabWidget,
     QToolButton,
     QWidget,
 )
@@ -98,6 +100,39 @@ class Banner(QFrame):
 
     def text(self) -> str:
         return self.label.text() if self.isVisible() else ""
+
+
+class ScrollingTabs(QTabWidget):
+    """Tabs whose pages scroll when the window is smaller than a page's minimum size, so no page
+    (nor a dock beside it) can push the window past the screen. ``addTab``, ``setCurrentWidget``,
+    ``currentWidget`` and ``indexOf`` take and return the pages themselves, not their scroll areas."""
+
+    def addTab(self, page, label: str) -> int:  # noqa: N802
+        area = QScrollArea()
+        area.setWidget(page)
+        area.setWidgetResizable(True)
+        area.setFrameShape(QFrame.NoFrame)
+        area.setObjectName(f"scroll_{page.objectName() or label.lower()}")
+        return super().addTab(area, label)
+
+    def page(self, index: int):
+        w = self.widget(index)
+        return w.widget() if isinstance(w, QScrollArea) else w
+
+    def indexOf(self, page) -> int:  # noqa: N802
+        for i in range(self.count()):
+            if self.page(i) is page or self.widget(i) is page:
+                return i
+        return -1
+
+    def setCurrentWidget(self, page) -> None:  # noqa: N802
+        i = self.indexOf(page)
+        if i >= 0:
+            self.setCurrentIndex(i)
+
+    def currentWidget(self):  # noqa: N802
+        i = self.currentIndex()
+        return self.page(i) if i >= 0 else None
 
 
 class PathEdit(QWidget):

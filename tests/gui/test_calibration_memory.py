@@ -30,7 +30,8 @@ def test_memory_label_shows_both_estimates_and_picks_the_path(window, qtbot, tin
     p.edit_blocks([1], "replicas", 2)
     cal = _panel(window, tiny_text_file)
     s = cal.settings()
-    est = S.estimate_calibration_memory(p.loaded.config, p.config, 4, 32, s)
+    # (a run always checkpoints its finished blocks, so that a cancel can keep them)
+    est = S.estimate_calibration_memory(p.loaded.config, p.config, 4, 32, s, checkpoint=True)
     text = cal.memory.text()
     assert f"in memory {S.human_bytes(est['in_memory_bytes'])}" in text
     assert f"streamed {S.human_bytes(est['streamed_bytes'])}" in text

@@ -662,7 +662,16 @@ class LayersPanel(QWidget):
 
 class TotalsBar(QWidget):
     """Bits/weight, sizes, passes and the predicted decode latency (roofline, three cache
-    assumptions) of the whole configuration; recomputed on every edit."""
+    assumptions) of the whole configuration; recomputed on every edit. One line where it fits,
+    wrapped between its parts where the window is narrow (it never widens the window)."""
+
+    TIPS = {"bpw": "Effective bits per weight of the decoder-block linears: codes plus every 16-bit scale, "
+                   "bias and replica parameter",
+            "size": "Deployed sizes: decoder-block linears with every replica parameter, and the whole model "
+                    "(embedding as configured)",
+            "passes": "Decoder-layer passes per token, and FLOPs relative to K = 1",
+            "latency": "Predicted decode latency per token on the profile (roofline with the per-layer floor): "
+                       "shared codes re-read from cache / measured ratio / DRAM"}
 
     def __init__(self, project: Project, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
@@ -674,24 +683,25 @@ class TotalsBar(QWidget):
         self.setAttribute(Qt.WA_StyledBackground, True)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(6, 3, 6, 3)
-        self.labels = {}
-        for key, tip in (("bpw", "Effective bits per weight of the decoder-block linears: codes plus every "
-                                 "16-bit scale, bias and replica parameter"),
-                         ("size", "Deployed sizes: decoder-block linears with every replica parameter, and "
-                                  "the whole model (embedding as configured)"),
-                         ("passes", "Decoder-layer passes per token, and FLOPs relative to K = 1"),
-                         ("latency", "Predicted decode latency per token on the profile (roofline with the "
-                                     "per-layer floor): shared codes re-read from cache / measured ratio / DRAM")):
-            lab = QLabel("—")
-            lab.setToolTip(tip)
-            lab.setObjectName(f"total_{key}")
-            self.labels[key] = lab
-            lay.addWidget(lab)
-        lay.addStretch(1)
+        self.strip = QLabel("—")
+        self.strip.setObjectName("totalsStrip")
+        self.strip.setWordWrap(True)
+        self.strip.setTextFormat(Qt.RichText)
+        self.strip.setToolTip("\n".join(self.TIPS.values()))
+        lay.addWidget(self.strip, 1)
+        self.parts: dict = {}
         self._profile = None
         self.values: dict = {}
         project.config_replaced.connect(self.refresh)
         project.blocks_changed.connect(lambda _rows: self.refresh())
+
+    def _show(self) -> None:
+        gap = "&nbsp;&nbsp;&nbsp;&nbsp; "  # lines break between the short parts, not inside them
+        self.strip.setText(gap.join(v if k == "latency" else v.replace(" ", "&nbsp;")
+                                    for k, v in self.parts.items()) or "—")
+
+    def text(self) -> str:
+        return " · ".join(self.parts.values())
 
     def profile(self):
         if self._profile is None:
@@ -705,9 +715,9 @@ class TotalsBar(QWidget):
 
     def refresh(self) -> None:
         p = self.project
+        self.parts = {}
         if p.config is None or p.shape is None:
-            for lab in self.labels.values():
-                lab.setText("—")
+            self._show()
             return
         from dupstudio.core.replicate import accounting
 
@@ -715,25 +725,26 @@ class TotalsBar(QWidget):
         self.values = {"bits_per_weight": a["bits_per_weight"], "total_bytes": a["total_bytes"],
                        "block_linear_bytes": a["block_linear_bytes"], "passes": a["passes"],
                        "flops_ratio": a["flops_ratio"]}
-        self.labels["bpw"].setText(f"<b>{a['bits_per_weight']:.3f}</b> bits/weight")
-        self.labels["size"].setText(f"linears {fmt_bytes(a['block_linear_bytes'])} · "
-                                    f"model {fmt_bytes(a['total_bytes'])}")
-        self.labels["passes"].setText(f"{a['passes']} passes ({len(p.config.blocks)} blocks) · "
-                                      f"FLOPs ×{a['flops_ratio']:.2f}")
+        self.parts["bpw"] = f"<b>{a['bits_per_weight']:.3f}</b> bits/weight"
+        self.parts["size"] = f"linears {fmt_bytes(a['block_linear_bytes'])} · model {fmt_bytes(a['total_bytes'])}"
+        self.parts["passes"] = f"{a['passes']} passes ({len(p.config.blocks)} blocks) · FLOPs ×{a['flops_ratio']:.2f}"
         prof = self.profile()
         if prof is None:
-            self.labels["latency"].setText("roofline: no hardware profile")
+            self.parts["latency"] = "roofline: no hardware profile"
+            self._show()
             return
         from dupstudio.gui.project import predict
 
         try:
             r = predict(p.config, p.shape, prof)
         except DupstudioError as e:
-            self.labels["latency"].setText(f"roofline: {e}")
+            self.parts["latency"] = f"roofline: {e}"
+            self._show()
             return
         d = {a_: r.decode[a_].predicted_ms for a_ in ("cache", "measured", "dram")}
         self.values["predicted_ms"] = d
-        self.labels["latency"].setText(
-            f"{prof.label.replace('Apple ', '')} decode (predicted): <b>{d['cache']:.2f}</b> / "
+        self.parts["latency"] = (
+            f"{prof.label.replace('Apple ', '').split(' (')[0]} decode (predicted): <b>{d['cache']:.2f}</b> / "
             f"{d['measured']:.2f} / {d['dram']:.2f} ms per token "
             f"<span style='color:{theme.muted()}'>(cache / measured / DRAM)</span>")
+        self._show()

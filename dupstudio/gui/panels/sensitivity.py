@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from dupstudio.gui import theme
 from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds
 
 KL_COLOR = "#1f77b4"
@@ -41,7 +42,7 @@ TABLE_COLUMNS = (("block", "Block", "decoder block"),
                  ("bits_per_weight_k2", "bits/w K=2", "bits per weight of this block with the second replica"),
                  ("seconds", "s", "seconds this block took"))
 TOP_TITLE = "KL from full precision, only block k quantized"
-BOTTOM_TITLE = "KL removed by a second replica of block k (red: made worse)"
+BOTTOM_TITLE = "KL removed by a second replica (red: made worse)"
 
 
 def _num(v) -> float:
@@ -193,7 +194,7 @@ class SensitivityPanel(QWidget):
                               "calibration text when only that block is quantized, and how much a second "
                               "calibrated replica of it removes.")
         self.summary.setWordWrap(True)
-        self.summary.setStyleSheet("QLabel { color: #444; }")
+        self.summary.setStyleSheet(theme.muted_css())
         lay.addWidget(self.summary)
         split = QSplitter(Qt.Vertical)
         self.plot = SensitivityPlot()
