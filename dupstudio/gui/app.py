@@ -26,6 +26,10 @@ def run_gui(argv: Optional[list[str]] = None) -> int:
     app.setOrganizationName(ORGANIZATION)
     app.setApplicationName(APPLICATION)
     app.setApplicationDisplayName("dupstudio")
+    from dupstudio.gui import theme
+
+    theme.apply(app)  # light or dark, as the desktop is set
+    theme.follow_system(app)
     win = MainWindow(args.model)
     if args.config:
         win.model_loaded.connect(lambda _d: win.open_configuration(args.config))

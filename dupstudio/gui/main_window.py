@@ -166,6 +166,10 @@ class NewConfigDialog(QDialog):
         self.init = QComboBox()
         for i in C.INITS:
             self.init.addItem(i, i)
+        from dupstudio.gui.strategies import add_tooltips
+
+        for combo, kind in ((self.strategy, "strategy"), (self.mode, "mode"), (self.init, "init")):
+            add_tooltips(combo, kind)
         form.addRow("Bits", self.bits)
         form.addRow("Group size", self.group)
         note = QLabel(f"(group sizes that divide every row of this model: {', '.join(map(str, sizes))})")
@@ -391,6 +395,7 @@ class MainWindow(QMainWindow):
         self._metrics_timer.setInterval(150)
         self._metrics_timer.timeout.connect(self._submit_metrics)
 
+        theme.on_change(self.apply_theme)
         self._restore_settings()
         if autoload:
             if model is None:
@@ -461,15 +466,85 @@ class MainWindow(QMainWindow):
         self.sensitivity_action.setEnabled(False)
 
         h = mb.addMenu("&Help")
+        self.guide_action = self._action(h, "&User guide", self.show_user_guide, QKeySequence.HelpContents,
+                                         "How to use each tab of the window")
+        self.shortcuts_action = self._action(h, "&Keyboard shortcuts", self.show_shortcuts, None,
+                                             "Every keyboard shortcut of the window")
+        h.addSeparator()
         self._action(h, "&About dupstudio", self._about)
         self._refresh_recent_menus()
+
+    # ================================================================== appearance
+    def apply_theme(self, old: dict, new: dict) -> None:
+        """The desktop switched between light and dark: restyle what was styled with the old colours
+        (plots, muted notes, the banner, the totals strip)."""
+        import pyqtgraph as pg
+        from PySide6.QtWidgets import QLabel
+
+        old_css = f"QLabel {{ color: {old['muted']}; }}"
+        for lab in self.findChildren(QLabel):
+            if lab.styleSheet() == old_css:
+                lab.setStyleSheet(theme.muted_css())
+        for plot in self.findChildren(pg.PlotWidget):
+            plot.setBackground(new["plot_bg"])
+            for side in ("left", "bottom"):
+                ax = plot.getPlotItem().getAxis(side)
+                ax.setPen(pg.mkPen(new["axis"]))
+                ax.setTextPen(pg.mkPen(new["axis_text"]))
+        if self.banner.isVisible():
+            self.banner.show_message(self.banner.label.text(), self.banner.kind)
+        self.totals.setStyleSheet(f"QWidget#totalsBar {{ background: {new['panel']}; border-top: 1px solid "
+                                  f"{new['panel_border']}; }} QLabel {{ padding: 0 6px; }}")
+        self.totals.refresh()
+        self.layers.model.layoutChanged.emit()
+
+    # ================================================================== help
+    def show_user_guide(self) -> QDialog:
+        """Help ▸ User guide: docs/user-guide.md rendered in a window of its own (not modal)."""
+        from dupstudio.gui.help import GuideWindow
+
+        if getattr(self, "_guide", None) is None:
+            self._guide = GuideWindow(self)
+        self._guide.show()
+        self._guide.raise_()
+        return self._guide
+
+    def shortcut_rows(self) -> list:
+        """(where, what, keys) for every action with a shortcut, menu by menu, plus the table keys."""
+        rows = []
+
+        def walk(menu, path):
+            for a in menu.actions():
+                if a.menu() is not None:
+                    walk(a.menu(), path + [a.text().replace("&", "")])
+                elif not a.isSeparator() and a.shortcuts():
+                    keys = ", ".join(k.toString(QKeySequence.NativeText) for k in a.shortcuts())
+                    rows.append((" ▸ ".join(path), a.text().replace("&", "").rstrip("…"), keys))
+
+        for a in self.menuBar().actions():
+            if a.menu() is not None:
+                walk(a.menu(), [a.text().replace("&", "")])
+        copy = QKeySequence(QKeySequence.Copy).toString(QKeySequence.NativeText)
+        paste = QKeySequence(QKeySequence.Paste).toString(QKeySequence.NativeText)
+        rows += [("Tables", "Copy the selected rows (tab-separated)", copy),
+                 ("Layers table", "Paste the copied rows' settings onto the selected blocks", paste),
+                 ("Layers table", "Edit the current cell", "F2 or double-click"),
+                 ("Layers table", "Select several rows", "Shift-click, Ctrl-click")]
+        return rows
+
+    def show_shortcuts(self) -> QDialog:
+        from dupstudio.gui.help import ShortcutsDialog
+
+        dlg = ShortcutsDialog(self.shortcut_rows(), self)
+        dlg.show()
+        return dlg
 
     def _about(self) -> None:
         from dupstudio import __version__
 
         QMessageBox.about(self, "About dupstudio",
                           f"dupstudio {__version__}\n\nReplicate decoder blocks over shared 2-bit codes, "
-                          "calibrate them, and see what it costs.")
+                          "calibrate them, and see what it costs.\n\nHelp ▸ User guide (F1) explains each tab.")
 
     # ================================================================== dialogs (monkeypatched in tests)
     def start_dir(self) -> str:
@@ -1268,6 +1343,7 @@ class MainWindow(QMainWindow):
             pass
         self.runner.shutdown()
         self.project.detach()
+        theme.off_change(self.apply_theme)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt naming)
         if self.project.dirty and not self._closing_after_save and not self._shut:

@@ -124,8 +124,33 @@ def apply(app=None, dark: Optional[bool] = None) -> bool:
     return want
 
 
+_listeners: list = []
+
+
+def on_change(callback) -> None:
+    """``callback(old_colors, new_colors)`` after the scheme switches (windows restyle themselves)."""
+    _listeners.append(callback)
+
+
+def off_change(callback) -> None:
+    if callback in _listeners:
+        _listeners.remove(callback)
+
+
+def switch(app=None, dark: Optional[bool] = None) -> bool:
+    """:func:`apply`, then tell the listeners (a live switch, e.g. the desktop's setting changed)."""
+    old = dict(colors())
+    on = apply(app, dark)
+    for cb in list(_listeners):
+        try:
+            cb(old, colors())
+        except RuntimeError:  # a window already deleted
+            _listeners.remove(cb)
+    return on
+
+
 def follow_system(app) -> None:
     """Re-apply when the desktop switches between light and dark (Qt 6.5+)."""
     hints = QGuiApplication.styleHints()
     if hasattr(hints, "colorSchemeChanged"):
-        hints.colorSchemeChanged.connect(lambda _scheme: apply(app))
+        hints.colorSchemeChanged.connect(lambda _scheme: switch(app))

@@ -172,3 +172,14 @@ def test_quitting_prints_nothing(tmp_path, tiny_model_dir):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and "quit 0" in r.stdout, r.stderr
     assert "Traceback" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr
+
+
+def test_new_configuration_dialog_describes_its_choices(window):
+    from PySide6.QtCore import Qt
+
+    from dupstudio.gui.main_window import NewConfigDialog
+
+    dlg = NewConfigDialog(window.project.shape, window)
+    for combo in (dlg.strategy, dlg.mode, dlg.init):
+        assert all(combo.itemData(i, Qt.ToolTipRole) for i in range(combo.count()))
+    dlg.close()
