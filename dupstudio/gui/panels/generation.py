@@ -1,6 +1,6 @@
 """Generation tab: stream text from the current configuration (deploy mode: packed codes shared by
-the replicas) and, side by side, from the float model (decision 21: perplexity alone hides broken
-2-bit text)."""
+the replicas) and, side by side, from the float model (perplexity alone hides broken 2-bit text,
+so the two are read next to each other)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from dupstudio.gui import tasks
+from dupstudio.gui import tasks, theme
 from dupstudio.gui.project import Project, config_summary, snapshot
 from dupstudio.gui.widgets import JobBar
 
@@ -34,7 +34,7 @@ class _Output(QGroupBox):
         lay = QVBoxLayout(self)
         self.subtitle = QLabel("")
         self.subtitle.setWordWrap(True)
-        self.subtitle.setStyleSheet("QLabel { color: #444; }")
+        self.subtitle.setStyleSheet(theme.muted_css())
         lay.addWidget(self.subtitle)
         self.text = QPlainTextEdit()
         self.text.setReadOnly(True)
@@ -43,7 +43,7 @@ class _Output(QGroupBox):
         self.text.setFont(f)
         lay.addWidget(self.text, 1)
         self.stats = QLabel("")
-        self.stats.setStyleSheet("QLabel { color: #444; }")
+        self.stats.setStyleSheet(theme.muted_css())
         lay.addWidget(self.stats)
 
     def clear(self) -> None:
