@@ -207,9 +207,8 @@ def _hidden(model, inputs, cache):
 
 def _head(model, h):
     if hasattr(model, "hidden"):  # DupModel
-        tied = model.args.tie_word_embeddings
-        return model.embed_tokens.as_linear(h) if tied else model.lm_head(h)
-    if model.args.tie_word_embeddings:
+        return model.head(h)
+    if "lm_head" not in model:  # tied (mlx-lm decides per architecture)
         return model.model.embed_tokens.as_linear(h)
     return model.lm_head(h)
 

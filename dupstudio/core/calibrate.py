@@ -37,14 +37,12 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models import llama
-from mlx_lm.models.base import scaled_dot_product_attention
 
-from dupstudio.core import quant
+from dupstudio.core import adapters, quant
 from dupstudio.core.config import COL_GROUPS, Config
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
-from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, block_linears, model_shape
-from dupstudio.core.replicate import embedding_modules, replica_init
+from dupstudio.core.model_io import LoadedModel, block_linears, model_shape
+from dupstudio.core.replicate import embedding_modules, fold_vector, replica_init
 
 #: block-wise methods, and "e2e": no block-wise pass, only the end-to-end stage on the
 #: configuration as it stands
@@ -53,8 +51,8 @@ METHODS = ("stats", "grid", "adam", "e2e")
 #: primary replica's strategy, or GPTQ (error feedback through the layer's input Hessian, with the
 #: inputs the already-quantized earlier blocks produce)
 CODE_METHODS = ("rtn", "gptq")
-INPUT_OF = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o",
-            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"}
+#: llama's matrix -> the column group of its input (any architecture: adapters' inputs())
+INPUT_OF = adapters.LLAMA.inputs()
 
 
 @dataclass
@@ -117,38 +115,61 @@ def settings_from(preset: str = "fast", **overrides) -> CalibSettings:
 
 
 # --------------------------------------------------------------------------- block forward
+class _Recorder(nn.Module):
+    """Stands in for a linear layer and keeps the first input it sees under ``key`` (the idea
+    of mlx-lm's GPTQ "Catcher"), then computes the linear as usual."""
+
+    def __init__(self, inner, sink: dict, key: str):
+        super().__init__()
+        self.inner = inner
+        object.__setattr__(self, "_sink", sink)  # plain state, not a child module
+        object.__setattr__(self, "_key", key)
+
+    def __call__(self, x):
+        self._sink.setdefault(self._key, x)
+        return self.inner(x)
+
+
 def block_forward(blk, x, mask, collect: bool = False):
-    """mlx-lm's llama TransformerBlock forward (no cache), optionally returning the inputs of
-    each linear group: attn (q/k/v), o, mlp (gate/up), down."""
-    attn = blk.self_attn
-    B, L, _ = x.shape
-    xn = blk.input_layernorm(x)
-    q = attn.q_proj(xn).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
-    k = attn.k_proj(xn).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    v = attn.v_proj(xn).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = attn.rope(q), attn.rope(k)
-    o = scaled_dot_product_attention(q, k, v, cache=None, scale=attn.scale, mask=mask)
-    o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    h = x + attn.o_proj(o)
-    hn = blk.post_attention_layernorm(h)
-    a = nn.silu(blk.mlp.gate_proj(hn)) * blk.mlp.up_proj(hn)
-    out = h + blk.mlp.down_proj(a)
-    if collect:
-        return out, {"attn": xn, "o": o, "mlp": hn, "down": a}
-    return out
+    """The decoder block ``blk`` (mlx-lm's own block of its architecture) applied to ``x``
+    without a cache; with ``collect``, also the input of each linear group: attn (q/k/v), o,
+    mlp (gate/up), down, recorded by wrapping the first linear reading each group in a copy of
+    the block's structure (the block itself is not changed)."""
+    if not collect:
+        return blk(x, mask, None)
+    arch = adapters.of_layer(blk)
+    acts: dict = {}
+    rec = adapters.clone(blk)
+    wrapped = set()
+    for mat in arch.matrices:
+        if mat.reads not in wrapped:
+            wrapped.add(mat.reads)
+            adapters.set_module(rec, mat.path, _Recorder(adapters.get_module(blk, mat.path), acts, mat.reads))
+    out = rec(x, mask, None)
+    return out, acts
 
 
-def _set_block_weights(tmpl, W: dict, norms) -> None:
-    for m in MATRIX_NAMES:
-        parent = tmpl.self_attn if m in ATTN_MATRICES else tmpl.mlp
-        getattr(parent, m).weight = W[m]
-    tmpl.input_layernorm.weight = norms[0]
-    tmpl.post_attention_layernorm.weight = norms[1]
+def _set_block_weights(tmpl, W: dict, norms: dict, lin_bias: Optional[dict] = None) -> None:
+    """Put matrix weights ``W`` (name -> (out, in)), column-gain norm weights ``norms`` (path ->
+    weight) and linear biases (name -> bias) into the template block."""
+    for m, w in W.items():
+        lin = adapters.get_module(tmpl, adapters.MATRIX_PATHS[m])
+        lin.weight = w
+        if lin_bias and m in lin_bias:
+            lin.bias = lin_bias[m]
+    for path, w in norms.items():
+        adapters.get_module(tmpl, path).weight = w
 
 
-def _block_weights(tmpl) -> dict:
-    return {m: getattr(tmpl.self_attn if m in ATTN_MATRICES else tmpl.mlp, m).weight
-            for m in MATRIX_NAMES}
+def _block_weights(tmpl, arch) -> dict:
+    return {m.name: adapters.get_module(tmpl, m.path).weight for m in arch.matrices}
+
+
+def embed_inputs(loaded: LoadedModel, emb, toks) -> mx.array:
+    """Block 0's input (float32) for tokens ``toks`` through embedding module ``emb``, as the
+    architecture's model makes it (Gemma 3 scales the embedding by √hidden)."""
+    h = adapters.of_model(loaded.model).scale_embeddings(emb(toks), loaded.model.args)
+    return h.astype(mx.float32)
 
 
 def _chunks(n: int, size: int):
@@ -228,32 +249,55 @@ class BlockResult:
 class _BlockProblem:
     """Trainable parametrisation of one block's replicas over fixed codes."""
 
-    def __init__(self, args, fp_layer, spec, bits, group_size, codes, base_sb, rep_sb, settings):
+    def __init__(self, args, fp_layer, spec, bits, group_size, codes, base_sb, rep_sb, settings,
+                 shape: Optional[dict] = None):
         self.args = args
-        self.tmpl = llama.TransformerBlock(args)
+        self.arch = arch = adapters.of_layer(fp_layer)
+        self.names = names = arch.matrix_names
+        # the template: a structural copy of the float block (the architecture's own class),
+        # float32, with plain linears whose weights each forward sets
+        self.tmpl = adapters.clone(fp_layer)
+        adapters.cast_floating(self.tmpl, mx.float32)
+        self.lin_bias = {}
+        for mat in arch.matrices:
+            src = adapters.get_module(fp_layer, mat.path)
+            b = adapters.linear_bias(src)
+            out_f, in_f = codes[mat.name].shape
+            adapters.set_module(self.tmpl, mat.path, nn.Linear(in_f, out_f, bias=b is not None))
+            if b is not None:
+                self.lin_bias[mat.name] = b.astype(mx.float32)
         # its initial weights (lazy, never evaluated): put back after each forward so the
         # template does not keep the last replica's dequantized weights alive between steps
-        self._blank = (_block_weights(self.tmpl), (self.tmpl.input_layernorm.weight,
-                                                   self.tmpl.post_attention_layernorm.weight))
+        self.norm0 = {path: adapters.get_module(fp_layer, path).weight.astype(mx.float32)
+                      for path in arch.col_norms.values()}
+        self._blank = (_block_weights(self.tmpl, arch),
+                       {path: adapters.get_module(self.tmpl, path).weight for path in self.norm0},
+                       dict(self.lin_bias))
         self.K = spec.replicas
         self.mode = spec.mode
         self.spec = spec
         self.bits, self.g = bits, group_size
         self.settings = settings
         self.codes = {m: codes[m].astype(mx.float32).reshape(codes[m].shape[0], -1, group_size)
-                      for m in MATRIX_NAMES}
-        self.shapes = {m: codes[m].shape for m in MATRIX_NAMES}
-        self.norm_in = fp_layer.input_layernorm.weight.astype(mx.float32)
-        self.norm_post = fp_layer.post_attention_layernorm.weight.astype(mx.float32)
+                      for m in names}
+        self.shapes = {m: codes[m].shape for m in names}
+        # where the o / down column gains fold: (matrix, first row, end row)
+        self.folds = {}
+        for grp in ("o", "down"):
+            if shape is not None:
+                self.folds[grp] = arch.fold_rows(grp, shape)
+            else:  # a matrix of its own (llama): all its rows
+                m = arch.fold_matrix(grp)
+                self.folds[grp] = (m, 0, self.shapes[m][0])
         self.base = rep_sb  # per replica: m -> (s0, b0) (channel replicas: unused)
-        self.sbar = {m: mx.mean(mx.abs(base_sb[m][0]), axis=1) for m in MATRIX_NAMES}
+        self.sbar = {m: mx.mean(mx.abs(base_sb[m][0]), axis=1) for m in names}
 
     def init_params(self, gains=None, residual=1.0, start_at_k1=True) -> dict:
         P = {"rep": []}
         for i in range(self.K):
             rp = {}
             gran = "group" if i == 0 else self.spec.replica[i].granularity
-            for m in MATRIX_NAMES:
+            for m in self.names:
                 out, G = self.codes[m].shape[:2]
                 if gran == "group":
                     rp[m] = {"u": mx.zeros((out, G)), "d": mx.zeros((out, G))}
@@ -263,9 +307,9 @@ class _BlockProblem:
                     rp[m]["row"] = mx.zeros((out,))
             if self.settings.gains:
                 H = self.args.hidden_size
+                fo, fd = self.folds["o"], self.folds["down"]
                 rp["col"] = {"attn": mx.zeros((H,)), "mlp": mx.zeros((H,)),
-                             "o": mx.zeros((self.shapes["v_proj"][0],)),
-                             "down": mx.zeros((self.shapes["up_proj"][0],))}
+                             "o": mx.zeros((fo[2] - fo[1],)), "down": mx.zeros((fd[2] - fd[1],))}
             P["rep"].append(rp)
         if gains is None:
             if self.mode == "serial":
@@ -280,7 +324,7 @@ class _BlockProblem:
         """(scales, biases) per matrix of replica i (raw, before row/col gains)."""
         out = {}
         rp = P["rep"][i]
-        for m in MATRIX_NAMES:
+        for m in self.names:
             if "u" in rp[m]:
                 s0, b0 = self.base[i][m]
                 out[m] = (s0 * mx.exp(rp[m]["u"]), b0 + s0 * rp[m]["d"])
@@ -296,25 +340,30 @@ class _BlockProblem:
         if i == 0:
             self.replica_sb_cache = sb
         rp = P["rep"][i]
-        W = {}
-        for m in MATRIX_NAMES:
+        W, LB = {}, {}
+        for m in self.names:
             s, b = sb[m]
             w = (s[..., None] * self.codes[m] + b[..., None]).reshape(self.shapes[m])
             mult = None
             if "row" in rp[m]:
                 mult = 1.0 + rp[m]["row"]
-            if "col" in rp and m == "v_proj":
-                mult = (1.0 + rp["col"]["o"]) if mult is None else mult * (1.0 + rp["col"]["o"])
-            if "col" in rp and m == "up_proj":
-                mult = (1.0 + rp["col"]["down"]) if mult is None else mult * (1.0 + rp["col"]["down"])
+            if "col" in rp:
+                for grp in ("o", "down"):
+                    fm, start, _ = self.folds[grp]
+                    if m == fm:
+                        v = fold_vector(1.0 + rp["col"][grp], start, self.shapes[m][0])
+                        mult = v if mult is None else mult * v
             if mult is not None:
                 w = w * mult[:, None]
             W[m] = w
+            if m in self.lin_bias:
+                LB[m] = self.lin_bias[m] if mult is None else self.lin_bias[m] * mult
         if "col" in rp:
-            norms = (self.norm_in * (1.0 + rp["col"]["attn"]), self.norm_post * (1.0 + rp["col"]["mlp"]))
+            norms = {path: self.arch.fold_norm(self.norm0[path], 1.0 + rp["col"][grp])
+                     for grp, path in self.arch.col_norms.items()}
         else:
-            norms = (self.norm_in, self.norm_post)
-        return W, norms
+            norms = dict(self.norm0)
+        return W, norms, LB
 
     def forward(self, P, x, mask):
         Ws = [self.weights(P, i) for i in range(self.K)]
@@ -343,7 +392,7 @@ class _BlockProblem:
             if i == 0:
                 self.replica_sb_cache = sb
             rp = P["rep"][i]
-            for m in MATRIX_NAMES:
+            for m in self.names:
                 pre = f"b{k}.r{i}.{m}"
                 if "u" in rp[m]:
                     t[f"{pre}.scales"] = sb[m][0].astype(mx.float16)
@@ -497,13 +546,13 @@ def _calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: C
     last = max(todo)
     rng = np.random.default_rng(settings.seed)
     toks = mx.array(tokens)
-    x_fp = loaded.model.model.embed_tokens(toks).astype(mx.float32)
+    arch = adapters.of_model(loaded.model)
+    x_fp = embed_inputs(loaded, loaded.model.model.embed_tokens, toks)
     emb_q, _ = embedding_modules(loaded, cfg, "simulate", mx.float32)
-    x_q = emb_q(toks).astype(mx.float32)
+    x_q = embed_inputs(loaded, emb_q, toks)
     mx.eval(x_fp, x_q)
     if not settings.incremental:
         x_q = x_fp
-    mask = "causal"
     n_seq = tokens.shape[0]
     bs = settings.batch
     results = []
@@ -514,6 +563,7 @@ def _calibrate(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settings: C
         cancel.check()
         t0 = time.perf_counter()
         layer = fp_layers[k]
+        mask = arch.causal_mask(args, k, tokens.shape[1])  # block k's (a sliding window's)
         fp_f = lambda x: block_forward(layer, x, mask)  # noqa: E731
         y = mx.concatenate([fp_f(x_fp[sl]) for sl in _chunks(n_seq, bs)]) if k in todo or settings.incremental else None
         if y is not None:
@@ -664,6 +714,8 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
     bits, g, strategy, sargs = cfg.block_quant(k)
     n_seq = x.shape[0]
     bs = settings.batch
+    arch = adapters.of_layer(layer)
+    names, input_of = arch.matrix_names, arch.inputs()
 
     # activation statistics of each linear group's input (on the block's actual inputs)
     sig = {c: None for c in COL_GROUPS}
@@ -680,12 +732,12 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
 
     # codes (fixed) and starting scales/biases
     codes, base = {}, {}
-    for m in MATRIX_NAMES:
+    for m in names:
         w = float_w[m].astype(mx.float32)
         key = f"b{k}.{m}.codes"
         strat, sa = strategy, sargs
         if settings.method == "stats" and key not in cfg.tensors:
-            d = mx.diagonal(sig[INPUT_OF[m]])
+            d = mx.diagonal(sig[input_of[m]])
             best = None
             for name, a in STATS_CANDIDATES:
                 p = quant.compute_params(w, bits, g, name, act_sq=d if name == "search" else None, **a)
@@ -694,9 +746,9 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
                 if best is None or e < best[0]:
                     best = (e, name, a)
             strat, sa = best[1], best[2]
-        act = mx.diagonal(sig[INPUT_OF[m]]) if strat == "search" and sa.get("error") == "act" else None
+        act = mx.diagonal(sig[input_of[m]]) if strat == "search" and sa.get("error") == "act" else None
         if settings.codes == "gptq":
-            codes[m], s0, b0 = _gptq_matrix(w, sig[INPUT_OF[m]], bits, g, strat, sa, settings)
+            codes[m], s0, b0 = _gptq_matrix(w, sig[input_of[m]], bits, g, strat, sa, settings)
         else:
             p0 = quant.compute_params(w, bits, g, strat, act_sq=act, **sa)
             if key in cfg.tensors:
@@ -705,7 +757,7 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
                 codes[m] = quant.quantize_codes(w, p0)
             s0, b0 = p0.scales, p0.biases
         if settings.init == "closed_form" or settings.method == "stats":
-            s0, b0 = weighted_lsq(w, codes[m], g, sig[INPUT_OF[m]], s0, b0)
+            s0, b0 = weighted_lsq(w, codes[m], g, sig[input_of[m]], s0, b0)
         base[m] = (s0, b0)
         mx.eval(codes[m], s0, b0)
     rep_sb = []
@@ -714,13 +766,14 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
             rep_sb.append(base)
             continue
         d = {}
-        for m in MATRIX_NAMES:
+        for m in names:
             s0, b0 = base[m]
             d[m] = replica_init(r, float_w[m].astype(mx.float32), codes[m], s0, b0, bits, g) \
                 if r.init != "lsq" else weighted_lsq(float_w[m].astype(mx.float32), codes[m], g,
-                                                     sig[INPUT_OF[m]], s0, b0)
+                                                     sig[input_of[m]], s0, b0)
         rep_sb.append(d)
-    prob = _BlockProblem(loaded.model.args, layer, spec, bits, g, codes, base, rep_sb, settings)
+    prob = _BlockProblem(loaded.model.args, layer, spec, bits, g, codes, base, rep_sb, settings,
+                         shape=model_shape(loaded.config))
 
     def full_loss(P):
         tot = 0.0
@@ -814,7 +867,7 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
     loss_after = full_loss(P)
     accepted = loss_after < loss_before
     t, gains, beta = prob.export(P, k)
-    for m in MATRIX_NAMES:
+    for m in names:
         t[f"b{k}.{m}.codes"] = quant.pack_codes(codes[m], bits)
     res = BlockResult(k, loss_before, loss_after if accepted else loss_before, accepted,
                       time.perf_counter() - t0, steps, settings.method, curve)
@@ -927,7 +980,7 @@ def _grid(prob, P, x, y, mask, bs, full_loss, float_w, codes, bits, g, cancel):
         for off in GRID["offset"]:
             cancel.check()
             for i in range(1, prob.K):
-                for m in MATRIX_NAMES:
+                for m in prob.names:
                     s0, b0 = base[0][m]
                     centre = b0 + s0 * ((2 ** bits - 1) / 2.0)
                     s = gam * s0

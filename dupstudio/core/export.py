@@ -2,12 +2,14 @@
 
 Two layouts, chosen from the configuration:
 
-* **standard llama** (every block K = 1 with residual gain β = 1): mlx-lm's own ``llama``
-  architecture with ``QuantizedLinear`` layers. Each matrix's packed codes and its
+* **standard** (every block K = 1 with residual gain β = 1): mlx-lm's own model of the source
+  architecture (llama, mistral, qwen2, qwen3, gemma3_text, phi3: config.json keeps its
+  ``model_type``) with ``QuantizedLinear`` layers. Each matrix's packed codes and its
   effective per-group scales/biases (row gains and tied column gains already folded in by
   :func:`dupstudio.core.replicate.block_tensors`; column gains into the RMSNorm weights and
   the v_proj / up_proj rows) go straight into mlx-lm's ``weight``/``scales``/``biases``
-  triples. It loads with plain ``mlx_lm.load(dir)``.
+  triples; the block's other float tensors (extra norms, linear biases, per-head norms) are
+  copied. It loads with plain ``mlx_lm.load(dir)``.
 * **replicated** (any block with K > 1 or β ≠ 1): mlx-lm's custom-architecture mechanism.
   config.json names ``model_file: dupstudio_llama.py`` (a copy of
   :mod:`dupstudio.core.export_model_template`, depending on mlx and mlx-lm only), and
@@ -15,7 +17,8 @@ Two layouts, chosen from the configuration:
   per block (``model.layers.{k}.codes.{matrix}``); each replica's scales, biases and norm
   weights under ``model.layers.{k}.replicas.{i}....``; gains and β in config.json's
   ``dupstudio`` section. The model's ``sanitize`` points all replicas at the same code
-  array object.
+  array object. The model file subclasses mlx-lm's llama, so this layout is for llama and
+  mistral models only (others are refused, naming the model type).
 
 β ≠ 1 on a K = 1 block has no exact fold into a standard llama block: out = h + β·a +
 β·m(h + a) (a: attention residual, m: MLP residual), and scaling o_proj by β would feed the
@@ -41,9 +44,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from dupstudio.core import adapters
 from dupstudio.core.config import COL_GROUPS, Config, validate
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
-from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape
+from dupstudio.core.model_io import LoadedModel, model_shape
 from dupstudio.core.safeio import atomic_write_bytes, make_temp_dir, remove_stale, user_io
 
 FORMATS = ("mlx-lm",)
@@ -60,14 +64,13 @@ EXPORT_FORMAT_VERSION = 1
 
 _SIDECAR_PATTERNS = (
     re.compile(r"^b(\d+)\.r(\d+)\.(%s)\.(scales|biases|row_gain|ch_scale|ch_offset)$"
-               % "|".join(MATRIX_NAMES)),
-    re.compile(r"^b(\d+)\.(%s)\.codes$" % "|".join(MATRIX_NAMES)),
+               % "|".join(adapters.ALL_MATRIX_NAMES)),
+    re.compile(r"^b(\d+)\.(%s)\.codes$" % "|".join(adapters.ALL_MATRIX_NAMES)),
     re.compile(r"^b(\d+)\.r(\d+)\.col\.(%s)$" % "|".join(COL_GROUPS)),
 )
-
-
-def _parent(m: str) -> str:
-    return "self_attn" if m in ATTN_MATRICES else "mlp"
+#: architectures whose replicated blocks the exported model file builds (it subclasses
+#: mlx-lm's llama); others export K = 1 configurations only
+REPLICATED_TYPES = ("llama", "mistral")
 
 
 # --------------------------------------------------------------------------- planning
@@ -85,11 +88,15 @@ def replicated_reasons(cfg: Config) -> list:
     return out
 
 
-def _check_tensors(cfg: Config) -> None:
+def _check_tensors(cfg: Config, arch) -> None:
     """Refuse sidecar tensors the exporter would silently drop (rather than approximate)."""
     n = len(cfg.blocks)
     for key in cfg.tensors:
         match = next((p.match(key) for p in _SIDECAR_PATTERNS if p.match(key)), None)
+        if match is not None and match.re is not _SIDECAR_PATTERNS[2]:
+            m = match.group(3) if match.re is _SIDECAR_PATTERNS[0] else match.group(2)
+            if m not in arch.matrix_names:
+                match = None  # a matrix of another architecture: nothing here to fold it into
         if match is None:
             raise DupstudioError(f"export: the configuration holds tensor {key!r}, which the "
                                  f"exporter does not know how to fold; refusing to drop it")
@@ -107,17 +114,24 @@ def _plan(loaded: LoadedModel, cfg: Config, fmt: str, dtype: str, require_standa
         raise DupstudioError(f"export dtype {dtype!r} is not supported (use {', '.join(DTYPES)})")
     shape = model_shape(loaded.config)
     validate(cfg, shape)
-    _check_tensors(cfg)
-    lt = loaded.config.get("layer_types")
-    if lt and any(t != "full_attention" for t in lt):
-        raise DupstudioError("export: the model has sliding-window layers, which dupstudio's "
-                             "deploy model does not reproduce; refusing an export that would differ")
+    arch = adapters.of_model(loaded.model)
+    _check_tensors(cfg, arch)
+    mt = loaded.config.get("model_type", "llama")
     reasons = replicated_reasons(cfg)
     if require_standard and reasons:
-        raise DupstudioError("export: a standard llama (no custom code) cannot express this "
+        raise DupstudioError(f"export: a standard mlx-lm {mt} (no custom code) cannot express this "
                              f"configuration exactly: {reasons[0]}"
                              + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
-    return {"shape": shape, "replicated": bool(reasons), "reasons": reasons}
+    if reasons and mt not in REPLICATED_TYPES:
+        raise DupstudioError(f"export: replicated blocks ({reasons[0]}) are exported through a "
+                             f"model file for {', '.join(REPLICATED_TYPES)} only, and this model is "
+                             f"{mt}; export a configuration with K = 1 and β = 1 in every block")
+    lt = loaded.config.get("layer_types")
+    if reasons and lt and any(t != "full_attention" for t in lt):
+        raise DupstudioError("export: the model has sliding-window layers, which the replicated "
+                             "model file does not reproduce; refusing an export that would differ")
+    return {"shape": shape, "replicated": bool(reasons), "reasons": reasons, "arch": arch,
+            "model_type": mt}
 
 
 def _quant_entry(bits: int, group: int) -> dict:
@@ -128,10 +142,10 @@ def _layout(loaded: LoadedModel, cfg: Config, plan: dict, dtype: str) -> tuple:
     """(tensor list [(key, shape, dtype-name)], per-layer quantization map) of the export,
     without computing any tensor."""
     shp = plan["shape"]
-    H, I = shp["hidden_size"], shp["intermediate_size"]
-    qd, kvd = shp["num_heads"] * shp["head_dim"], shp["num_kv_heads"] * shp["head_dim"]
-    dims = {"q_proj": (qd, H), "k_proj": (kvd, H), "v_proj": (kvd, H), "o_proj": (H, qd),
-            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    H = shp["hidden_size"]
+    arch = plan["arch"]
+    dims = arch.dims(shp)
+    paths = adapters.MATRIX_PATHS
     tensors, qmap = [], {}
     for k, b in enumerate(cfg.blocks):
         bits, g, _, _ = cfg.block_quant(k)
@@ -141,19 +155,23 @@ def _layout(loaded: LoadedModel, cfg: Config, plan: dict, dtype: str) -> tuple:
             if plan["replicated"]:
                 tensors.append((f"model.layers.{k}.codes.{m}", packed, "uint32"))
                 for r in range(b.replicas):
-                    p = f"model.layers.{k}.replicas.{r}.{_parent(m)}.{m}"
+                    p = f"model.layers.{k}.replicas.{r}.{paths[m]}"
                     tensors += [(f"{p}.scales", groups, "float16"), (f"{p}.biases", groups, "float16")]
                     qmap[p] = _quant_entry(bits, g)
             else:
-                p = f"model.layers.{k}.{_parent(m)}.{m}"
+                p = f"model.layers.{k}.{paths[m]}"
                 tensors += [(f"{p}.weight", packed, "uint32"), (f"{p}.scales", groups, "float16"),
                             (f"{p}.biases", groups, "float16")]
                 qmap[p] = _quant_entry(bits, g)
         pres = ([f"model.layers.{k}.replicas.{r}" for r in range(b.replicas)]
                 if plan["replicated"] else [f"model.layers.{k}"])
+        # the block's other float tensors (norms, linear biases, per-head norms), as the
+        # architecture has them
+        layer = loaded.model.model.layers[k]
+        extra = [(f"{n}.weight", (H,)) for n in arch.col_norms.values()]
+        extra += [(n, tuple(a.shape)) for n, a in adapters.other_block_params(layer, arch).items()]
         for p in pres:
-            tensors += [(f"{p}.input_layernorm.weight", (H,), dtype),
-                        (f"{p}.post_attention_layernorm.weight", (H,), dtype)]
+            tensors += [(f"{p}.{n}", shape, dtype) for n, shape in extra]
     V = shp["vocab_size"]
     e = cfg.embedding
     heads = ["model.embed_tokens"] + ([] if shp["tied_embeddings"] else ["lm_head"])
@@ -354,7 +372,7 @@ def _readme(loaded: LoadedModel, cfg: Config, plan: dict, acc: dict, dtype: str,
         ]
     else:
         lines += [
-            "A standard mlx-lm llama with quantized layers: no custom code is needed.",
+            f"A standard mlx-lm {plan['model_type']} with quantized layers: no custom code is needed.",
             "",
             "```python",
             "from mlx_lm import load, generate",
@@ -415,7 +433,7 @@ def _summary(cfg: Config, plan: dict, acc: dict, files: dict, path: Optional[Pat
         "dtype": dtype,
         "passes": acc["passes"],
         "format": "mlx-lm",
-        "architecture": f"custom ({MODEL_FILE})" if plan["replicated"] else "llama",
+        "architecture": f"custom ({MODEL_FILE})" if plan["replicated"] else plan["model_type"],
         "trust_remote_code": plan["replicated"],
         "reasons": plan["reasons"],
         "files": dict(files),
@@ -487,25 +505,32 @@ def _export_weights(loaded: LoadedModel, cfg: Config, plan: dict, mdt, progress,
 
     weights: dict = {}
     lin = block_linears(loaded.model)
+    arch = plan["arch"]
+    paths = adapters.MATRIX_PATHS
     n = len(cfg.blocks)
     for k, spec in enumerate(cfg.blocks):
         cancel.check()
         bt = block_tensors(loaded, cfg, k, float_weights=lin[k])
         new = {}
         if plan["replicated"]:
-            for m in MATRIX_NAMES:
+            for m in arch.matrix_names:
                 new[f"model.layers.{k}.codes.{m}"] = bt.packed[m]
             pres = [f"model.layers.{k}.replicas.{i}" for i in range(spec.replicas)]
         else:
-            for m in MATRIX_NAMES:
-                new[f"model.layers.{k}.{_parent(m)}.{m}.weight"] = bt.packed[m]
+            for m in arch.matrix_names:
+                new[f"model.layers.{k}.{paths[m]}.weight"] = bt.packed[m]
             pres = [f"model.layers.{k}"]
+        others = adapters.other_block_params(loaded.model.model.layers[k], arch)
         for i, p in enumerate(pres):
-            for m in MATRIX_NAMES:
-                new[f"{p}.{_parent(m)}.{m}.scales"] = bt.scales[i][m].astype(mx.float16)
-                new[f"{p}.{_parent(m)}.{m}.biases"] = bt.biases[i][m].astype(mx.float16)
-            new[f"{p}.input_layernorm.weight"] = bt.norms[i][0].astype(mdt)
-            new[f"{p}.post_attention_layernorm.weight"] = bt.norms[i][1].astype(mdt)
+            for m in arch.matrix_names:
+                new[f"{p}.{paths[m]}.scales"] = bt.scales[i][m].astype(mx.float16)
+                new[f"{p}.{paths[m]}.biases"] = bt.biases[i][m].astype(mx.float16)
+            for name, a in others.items():  # as the base model has them
+                new[f"{p}.{name}"] = a.astype(mdt)
+            for m, b in bt.lin_bias[i].items():  # a linear's bias, with its row gains folded
+                new[f"{p}.{paths[m]}.bias"] = b.astype(mdt)
+            for path, w in bt.norms[i].items():
+                new[f"{p}.{path}.weight"] = w.astype(mdt)
         mx.eval(new)
         weights.update(new)
         progress(0.9 * (k + 1) / n, f"prepared block {k + 1}/{n}")

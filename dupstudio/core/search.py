@@ -72,7 +72,7 @@ def hybrid_model(loaded, cfg, quantized_blocks):
             blocks.append(ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain))
         else:
             blocks.append(ReplicatedBlock([layer], "serial", [1.0], 1.0))
-    head = None if args.tie_word_embeddings else loaded.model.lm_head
+    head = loaded.model.lm_head if "lm_head" in loaded.model else None
     model = DupModel(args, loaded.model.model.embed_tokens, blocks, loaded.model.model.norm, head)
     model.eval()
     mx.eval(model.parameters())
@@ -238,12 +238,15 @@ def _block_output_power(loaded, tokens: np.ndarray, batch: int = 4) -> list:
     turns a block's output MSE into a relative error comparable across depths."""
     import mlx.core as mx
 
-    from dupstudio.core.calibrate import _chunks, block_forward
+    from dupstudio.core.adapters import of_model
+    from dupstudio.core.calibrate import _chunks, block_forward, embed_inputs
 
-    x = loaded.model.model.embed_tokens(mx.array(tokens)).astype(mx.float32)
+    x = embed_inputs(loaded, loaded.model.model.embed_tokens, mx.array(tokens))
+    arch = of_model(loaded.model)
     out = []
-    for layer in loaded.model.model.layers:
-        x = mx.concatenate([block_forward(layer, x[sl], "causal") for sl in _chunks(x.shape[0], batch)])
+    for k, layer in enumerate(loaded.model.model.layers):
+        mask = arch.causal_mask(loaded.model.args, k, x.shape[1])
+        x = mx.concatenate([block_forward(layer, x[sl], mask) for sl in _chunks(x.shape[0], batch)])
         mx.eval(x)
         out.append(float(mx.mean(x * x).item()))
     return out

@@ -69,26 +69,28 @@ class _KLCache:
 
     def __init__(self, loaded, windows: np.ndarray, wanted, cancel: CancelToken) -> None:
         import mlx.core as mx
-        from mlx_lm.models.base import create_attention_mask
+
+        from dupstudio.core import adapters
 
         self.loaded = loaded
         inner = loaded.model.model
         self.layers = inner.layers
-        self.batches = []  # (mask, {block: hidden}, reference log-probs)
+        arch, args = adapters.of_model(loaded.model), loaded.model.args
+        self.batches = []  # (per-block masks, {block: hidden}, reference log-probs)
         self.count = 0
         wanted = set(wanted)
         for start in range(0, windows.shape[0], KL_BATCH):
             cancel.check()
             chunk = mx.array(windows[start:start + KL_BATCH])
             inputs = chunk[:, :-1]
-            h = inner.embed_tokens(inputs)
-            mask = create_attention_mask(h, None)
+            h = arch.scale_embeddings(inner.embed_tokens(inputs), args)
+            mask = [arch.block_mask(args, j, h) for j in range(len(self.layers))]
             hs = {}
             for j, layer in enumerate(self.layers):
                 if j in wanted:
                     mx.eval(h)
                     hs[j] = h
-                h = layer(h, mask, None)
+                h = layer(h, mask[j], None)
             rl = self.logits(h).astype(mx.float32)
             rlogp = rl - mx.logsumexp(rl, axis=-1, keepdims=True)
             mx.eval(rlogp)
@@ -98,7 +100,7 @@ class _KLCache:
     def logits(self, h):
         m = self.loaded.model
         h = m.model.norm(h)
-        if m.args.tie_word_embeddings:
+        if "lm_head" not in m:  # tied
             return m.model.embed_tokens.as_linear(h)
         return m.lm_head(h)
 
@@ -109,9 +111,9 @@ class _KLCache:
         tot = 0.0
         for mask, hs, rlogp in self.batches:
             cancel.check()
-            h = block(hs[k], mask)
-            for layer in self.layers[k + 1:]:
-                h = layer(h, mask, None)
+            h = block(hs[k], mask[k])
+            for j in range(k + 1, len(self.layers)):
+                h = self.layers[j](h, mask[j], None)
             lg = self.logits(h).astype(mx.float32)
             logp = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
             kl = (mx.exp(rlogp) * (rlogp - logp)).sum(-1)
@@ -148,7 +150,10 @@ def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, can
     def prog(frac, msg):  # calibrate reports whole-model fractions: map block k's share to 0-1
         progress(None if frac is None else frac * n - k, msg.removeprefix(f"block {k}: "))
 
-    res, t, gains, beta = _calibrate_block(loaded, out, k, float_w, layer, x, y, "causal", settings, rng,
+    from dupstudio.core.adapters import of_model
+
+    mask = of_model(loaded.model).causal_mask(loaded.model.args, k, x.shape[1])
+    res, t, gains, beta = _calibrate_block(loaded, out, k, float_w, layer, x, y, mask, settings, rng,
                                            prog, cancel, None, n)
     _record_block(out, k, res, t, gains, beta, settings, None, [])  # no checkpoint, no result list
     return out
@@ -170,7 +175,8 @@ def sensitivity(loaded, cfg_base, cal_tokens: np.ndarray, *, settings=None, kl_w
     import mlx.core as mx
     import pandas as pd
 
-    from dupstudio.core.calibrate import _chunks, block_forward
+    from dupstudio.core.adapters import of_model
+    from dupstudio.core.calibrate import _chunks, block_forward, embed_inputs
     from dupstudio.core.config import MODES, validate
     from dupstudio.core.model_io import block_linears, model_shape
     from dupstudio.core.replicate import accounting
@@ -206,7 +212,7 @@ def sensitivity(loaded, cfg_base, cal_tokens: np.ndarray, *, settings=None, kl_w
     bs = settings.batch
     x = None
     if with_replica:
-        x = loaded.model.model.embed_tokens(mx.array(toks)).astype(mx.float32)
+        x = embed_inputs(loaded, loaded.model.model.embed_tokens, mx.array(toks))
         mx.eval(x)
     setup_s = time.perf_counter() - t_all
     for k in range(order[-1] + 1):
@@ -214,7 +220,8 @@ def sensitivity(loaded, cfg_base, cal_tokens: np.ndarray, *, settings=None, kl_w
         y = None
         if with_replica:
             t0 = time.perf_counter()
-            y = mx.concatenate([block_forward(layers[k], x[sl], "causal") for sl in _chunks(x.shape[0], bs)])
+            mask = of_model(loaded.model).causal_mask(loaded.model.args, k, x.shape[1])
+            y = mx.concatenate([block_forward(layers[k], x[sl], mask) for sl in _chunks(x.shape[0], bs)])
             mx.eval(y)
             if k not in pos:
                 setup_s += time.perf_counter() - t0

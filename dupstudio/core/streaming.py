@@ -120,10 +120,9 @@ def estimate_peak_memory(config_json: dict, cfg=None, windows: int = 16, ctx: in
 
 
 def _block_linear_shapes(s: dict) -> dict:
-    H, I = s["hidden_size"], s["intermediate_size"]
-    qd, kvd = s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
-    return {"q_proj": (qd, H), "k_proj": (kvd, H), "v_proj": (kvd, H), "o_proj": (H, qd),
-            "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+    from dupstudio.core.adapters import of_shape
+
+    return of_shape(s).dims(s)
 
 
 def estimate_calibration_memory(config_json: dict, cfg=None, seqs: int = 32, seq_len: int = 256,
@@ -376,13 +375,12 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     ``spill``: "auto" (memory-map the activations when they would take more than half the
     available RAM), True or False."""
     import mlx.core as mx
-    from mlx_lm.models.base import create_attention_mask
 
+    from dupstudio.core import adapters
     from dupstudio.core.evaluate import EvalResult, bootstrap_ppl, token_scores
-    from dupstudio.core.model_io import (ATTN_MATRICES, MATRIX_NAMES, LoadedModel, model_shape,
-                                         open_model)
+    from dupstudio.core.model_io import LoadedModel, model_shape, open_model
     from dupstudio.core.replicate import (MODES, ReplicatedBlock, block_tensors, embedding_from,
-                                          make_replica_block)
+                                          final_norm, make_replica_block)
 
     progress, cancel = ensure(progress, cancel)
     if mode not in MODES:
@@ -401,7 +399,8 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
     args = loaded.model.args
     dtype = loaded.dtype or mx.float32
     H = args.hidden_size
-    tied = bool(loaded.config.get("tie_word_embeddings", True))
+    arch = adapters.of_model(loaded.model)
+    tied = adapters.is_tied(loaded.model)
     base = loaded.model.model
     want_ref = bool(reference) and cfg is not None
     np_dtype = _NP_DTYPES.get(str(dtype).split(".")[-1], np.float32)  # bfloat16 kept as float32
@@ -426,14 +425,11 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
         rows = emb_w.gather(ids)
         emb = embedding_from(rows, e, mode, dtype)
         batches = [(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
-        mask = None
         for s, e_ in batches:
             cancel.check()
             x = mx.array(inv[s:e_])
-            h = emb(x)
-            if mask is None:
-                mask = create_attention_mask(h, None)
-            outs = [h] + ([rows[x]] if want_ref else [])
+            h = arch.scale_embeddings(emb(x), args)
+            outs = [h] + ([arch.scale_embeddings(rows[x], args)] if want_ref else [])
             mx.eval(outs)
             cur[s:e_] = to_np(outs[0])
             if want_ref:
@@ -449,10 +445,10 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
         for k in range(nblocks):
             cancel.check()
             layer = base.layers[k]
+            mask = arch.causal_mask(args, k, T)  # block k's (a sliding window's)
             freed = False
             if cfg is not None:
-                fw = {m: getattr(layer.self_attn if m in ATTN_MATRICES else layer.mlp, m).weight
-                      for m in MATRIX_NAMES}
+                fw = _layer_linears(layer)
                 bt = block_tensors(loaded, cfg, k, float_weights=fw)
                 spec = cfg.blocks[k]
                 reps = [make_replica_block(args, bt, i, mode, dtype) for i in range(spec.replicas)]
@@ -486,10 +482,7 @@ def evaluate_streamed(source, cfg=None, windows: np.ndarray = None, *, mode: str
         # a chunk of rows at a time so that the logits of a whole batch are never all alive
         norm = base.norm
         if cfg is not None:
-            import mlx.nn as nn
-
-            norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-            norm.weight = base.norm.weight.astype(dtype)
+            norm = final_norm(loaded, dtype)
         sums = np.zeros(n)
         kls, agree, count = 0.0, 0, 0
         for s, e_ in batches:
@@ -662,11 +655,11 @@ class StreamedBlocks:
     report one block at a time)."""
 
     def __init__(self, loaded):
-        from dupstudio.core.model_io import MATRIX_NAMES, matrix_module_path
+        from dupstudio.core.adapters import of_model
 
         self.loaded = loaded
         self.n = len(loaded.model.model.layers)
-        self._names = {m: matrix_module_path(m) for m in MATRIX_NAMES}
+        self._names = {m.name: m.path for m in of_model(loaded.model).matrices}
 
     def __len__(self) -> int:
         return self.n
@@ -692,10 +685,10 @@ class _FileWeights:
     access: nothing holds the evaluated weight once the computation that used it is done."""
 
     def __init__(self, loaded, k: int):
-        from dupstudio.core.model_io import MATRIX_NAMES, matrix_module_path
+        from dupstudio.core.adapters import of_model
 
         self.loaded = loaded
-        self.names = {m: f"model.layers.{k}.{matrix_module_path(m)}.weight" for m in MATRIX_NAMES}
+        self.names = {m.name: f"model.layers.{k}.{m.path}.weight" for m in of_model(loaded.model).matrices}
 
     def __getitem__(self, m):
         key = self.names[m]
@@ -718,15 +711,18 @@ def _file_linear_class():
     import mlx.nn as nn
 
     class FileLinear(nn.Module):
-        """``nn.Linear`` without bias whose weight is read from the model's files at each call
-        (the same ``x @ W.T``)."""
+        """``nn.Linear`` whose weight is read from the model's files at each call (the same
+        ``x @ W.T``, plus the linear's own bias when it has one)."""
 
-        def __init__(self, weights: _FileWeights, name: str):
+        def __init__(self, weights: _FileWeights, name: str, bias=None):
             super().__init__()
             self._weights, self._name = weights, name
+            if bias is not None:
+                self.bias = bias
 
         def __call__(self, x):
-            return x @ self._weights[self._name].T
+            y = x @ self._weights[self._name].T
+            return y + self.bias if "bias" in self else y
 
     return FileLinear
 
@@ -734,19 +730,17 @@ def _file_linear_class():
 def _file_layer(loaded, k: int):
     """(decoder layer k with file-backed linears, its file-backed weights), or the model's own
     layer and weights when the model's files do not hold them."""
-    import copy
-
-    from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES
+    from dupstudio.core import adapters
 
     src = loaded.model.model.layers[k]
     fw = _FileWeights(loaded, k)
     if len(lazy_tensors(loaded, fw.names.values())) != len(fw.names):
         return src, _layer_linears(src)
     FileLinear = _file_linear_class()
-    blk, attn, mlp = copy.copy(src), copy.copy(src.self_attn), copy.copy(src.mlp)
-    for m in MATRIX_NAMES:
-        setattr(attn if m in ATTN_MATRICES else mlp, m, FileLinear(fw, m))
-    blk.self_attn, blk.mlp = attn, mlp
+    blk = adapters.clone(src)  # the architecture's block, its linears read from the files
+    for mat in adapters.of_layer(src).matrices:
+        bias = adapters.linear_bias(adapters.get_module(src, mat.path))
+        adapters.set_module(blk, mat.path, FileLinear(fw, mat.name, bias))
     return blk, fw
 
 
@@ -845,6 +839,7 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
 
     import mlx.core as mx
 
+    from dupstudio.core import adapters
     from dupstudio.core import calibrate as CB
     from dupstudio.core.config import validate
     from dupstudio.core.evaluate import provenance as _prov
@@ -872,7 +867,7 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
     rng = np.random.default_rng(settings.seed)
     n_seq = tokens.shape[0]
     bs = settings.batch
-    mask = "causal"
+    arch = adapters.of_model(loaded.model)
     act_bytes = n_seq * tokens.shape[1] * loaded.model.args.hidden_size * 4
     if spill == "auto":
         spill = 3 * act_bytes > available_memory() // 2
@@ -902,9 +897,9 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
     try:
         # embed step: the float embedding (and the configuration's) only for this step
         toks = mx.array(tokens)
-        x_fp = base.embed_tokens(toks).astype(mx.float32)
+        x_fp = CB.embed_inputs(loaded, base.embed_tokens, toks)
         emb_q, _ = embedding_modules(loaded, cfg, "simulate", mx.float32)
-        x_q = emb_q(toks).astype(mx.float32)
+        x_q = CB.embed_inputs(loaded, emb_q, toks)
         mx.eval(x_fp, x_q)
         del emb_q
         if release:
@@ -917,6 +912,7 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
         for k in range(n_blocks):
             cancel.check()
             t0 = time.perf_counter()
+            mask = arch.causal_mask(loaded.model.args, k, tokens.shape[1])  # block k's
             # block k's float weights: read from the files for each use, never held
             layer, fw = _file_layer(loaded, k)
             # targets: the float block on the float inputs (batch by batch, as calibrate())
@@ -985,8 +981,8 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
 
 
 def _layer_linears(layer) -> dict:
-    """The float linear weights of one decoder layer keyed by MATRIX_NAMES (as block_linears)."""
-    from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES
+    """The float linear weights of one decoder layer keyed by its architecture's matrix names
+    (as block_linears)."""
+    from dupstudio.core.adapters import get_module, of_layer
 
-    return {m: getattr(layer.self_attn if m in ATTN_MATRICES else layer.mlp, m).weight
-            for m in MATRIX_NAMES}
+    return {m.name: get_module(layer, m.path).weight for m in of_layer(layer).matrices}

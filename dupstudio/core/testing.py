@@ -53,30 +53,77 @@ def tiny_config(vocab_size: int, *, hidden: int = 256, layers: int = 3, intermed
     }
 
 
+#: the model types :func:`make_tiny_model` writes (every architecture dupstudio supports)
+TINY_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+
+
+def tiny_arch_config(model_type: str, vocab_size: int, *, hidden: int = 256, layers: int = 3,
+                     intermediate: int = 512, heads: int = 4, kv_heads: int = 2,
+                     tied=None) -> dict:
+    """config.json of a tiny ``model_type`` model (llama's: :func:`tiny_config`). ``tied``
+    None: the architecture's usual choice for a small model (phi3 and qwen3 untied, Gemma 3
+    tied, the others tied). Gemma 3 gets a sliding window of 8 tokens on every other layer, so
+    that windows shorter than the inputs are exercised."""
+    if tied is None:
+        tied = model_type not in ("phi3", "qwen3")
+    cfg = tiny_config(vocab_size, hidden=hidden, layers=layers, intermediate=intermediate,
+                      heads=heads, kv_heads=kv_heads, tied=tied)
+    cfg["model_type"] = model_type
+    if model_type in ("qwen2", "phi3"):
+        del cfg["head_dim"]  # (both use hidden / heads)
+    if model_type == "gemma3_text":
+        cfg.update(query_pre_attn_scalar=hidden // heads, sliding_window=8,
+                   sliding_window_pattern=2, rope_local_base_freq=10000.0, rms_norm_eps=1e-6)
+    if model_type == "phi3":
+        # (pad_token_id: transformers' phi3 default, 32000, lies outside a tiny vocabulary)
+        cfg.update(original_max_position_embeddings=2048, pad_token_id=0)
+    return cfg
+
+
 def make_tiny_llama(path: str | Path, *, seed: int = 0, layers: int = 3, hidden: int = 256,
                     intermediate: int = 512, tied: bool = True) -> Path:
     """Write a random-initialised llama (mlx-lm folder with a real BPE tokenizer) to ``path``."""
+    return make_tiny_model(path, "llama", seed=seed, layers=layers, hidden=hidden,
+                           intermediate=intermediate, tied=tied)
+
+
+def make_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int = 0, layers: int = 3,
+                    hidden: int = 256, intermediate: int = 512, tied=None) -> Path:
+    """Write a random-initialised ``model_type`` model (mlx-lm folder: config.json,
+    model.safetensors and a real BPE tokenizer) to ``path``, built from mlx-lm's own model
+    class of that architecture."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models import llama
+    from mlx_lm.utils import _get_classes
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer()
     vocab = tok.get_vocab_size()
-    cfg = tiny_config(vocab, hidden=hidden, layers=layers, intermediate=intermediate, tied=tied)
+    if model_type == "llama":
+        cfg = tiny_config(vocab, hidden=hidden, layers=layers, intermediate=intermediate,
+                          tied=True if tied is None else tied)
+    else:
+        cfg = tiny_arch_config(model_type, vocab, hidden=hidden, layers=layers,
+                               intermediate=intermediate, tied=tied)
+    model_class, args_class = _get_classes(cfg)
     mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    model = model_class(args_class.from_dict(cfg))
     # Give the random model some structure: scaled-down init so activations stay sane,
-    # non-trivial norm weights.
+    # non-trivial norm weights (Gemma's norms multiply by 1 + weight).
+    offset = 0.0 if model_type == "gemma3_text" else 1.0
     params = dict(tree_flatten(model.parameters()))
     for k, v in params.items():
         if k.endswith("norm.weight"):
-            params[k] = 1.0 + 0.1 * mx.random.normal(v.shape)
+            params[k] = offset + 0.1 * mx.random.normal(v.shape)
         elif k.endswith("embed_tokens.weight"):
             params[k] = 0.05 * mx.random.normal(v.shape)
         elif v.ndim == 2:
             params[k] = mx.random.normal(v.shape) * (1.0 / v.shape[1] ** 0.5)
+        elif k.endswith(".bias"):
+            params[k] = 0.05 * mx.random.normal(v.shape)
+    if cfg["tie_word_embeddings"]:
+        params.pop("lm_head.weight", None)  # (Gemma 3 ties exactly when there is none)
     params = {k: v.astype(mx.float32) for k, v in params.items()}
     mx.eval(params)
     mx.save_safetensors(str(path / "model.safetensors"), params, metadata={"format": "mlx"})

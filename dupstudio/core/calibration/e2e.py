@@ -28,24 +28,26 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from dupstudio.core import quant
+from dupstudio.core import adapters, quant
 from dupstudio.core.config import Config
 from dupstudio.core.jobs import Cancelled, DupstudioError, ensure
-from dupstudio.core.model_io import ATTN_MATRICES, MATRIX_NAMES, LoadedModel, block_linears
+from dupstudio.core.model_io import LoadedModel, block_linears, model_shape
 from dupstudio.core.replicate import (DupModel, ReplicatedBlock, block_tensors, embedding_modules,
-                                      make_replica_block, row_multipliers)
+                                      final_norm, make_replica_block, row_multipliers)
 
 
 class TunableLinear(nn.Module):
-    """``x @ (S·exp(u) ⊙ q + B + S·d)ᵀ`` per group; codes, S and B frozen (underscored names are
-    not parameters in MLX)."""
+    """``x @ (S·exp(u) ⊙ q + B + S·d)ᵀ (+ bias)`` per group; codes, S, B and the linear's own
+    bias (qwen2's q/k/v) frozen (underscored names are not parameters in MLX)."""
 
-    def __init__(self, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int):
+    def __init__(self, codes: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                 bias: mx.array = None):
         super().__init__()
         out_f, in_f = codes.shape
         self._q = codes.astype(mx.float32).reshape(out_f, in_f // group_size, group_size)
         self._S = scales.astype(mx.float32)
         self._B = biases.astype(mx.float32)
+        self._bias = None if bias is None else bias.astype(mx.float32)
         self.u = mx.zeros(self._S.shape)
         self.d = mx.zeros(self._S.shape)
 
@@ -55,7 +57,7 @@ class TunableLinear(nn.Module):
     def __call__(self, x):
         s, b = self.effective()
         w = (s[..., None] * self._q + b[..., None]).reshape(self._q.shape[0], -1)
-        return x @ w.T
+        return x @ w.T if self._bias is None else x @ w.T + self._bias
 
 
 class TunableBlock(ReplicatedBlock):
@@ -105,17 +107,16 @@ def tunable_model(loaded: LoadedModel, cfg: Config):
         for i in range(spec.replicas):
             blk = make_replica_block(args, bt, i, "simulate", mx.float32)
             if not channel:
-                for m in MATRIX_NAMES:
-                    parent = blk.self_attn if m in ATTN_MATRICES else blk.mlp
-                    tl = TunableLinear(bt.codes[m], bt.scales[i][m], bt.biases[i][m], bt.group_size)
-                    setattr(parent, m, tl)
+                for mat in bt.arch.matrices:
+                    m = mat.name
+                    tl = TunableLinear(bt.codes[m], bt.scales[i][m], bt.biases[i][m], bt.group_size,
+                                       bt.lin_bias[i].get(m))
+                    adapters.set_module(blk, mat.path, tl)
                     handles[(k, i, m)] = tl
             reps.append(blk)
         blocks.append(TunableBlock(reps, spec.mode, spec.gains, spec.residual_gain))
     emb, head = embedding_modules(loaded, cfg, "simulate", mx.float32)
-    norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-    norm.weight = loaded.model.model.norm.weight.astype(mx.float32)
-    model = DupModel(args, emb, blocks, norm, head)
+    model = DupModel(args, emb, blocks, final_norm(loaded, mx.float32), head)
     model.freeze()
     for tl in handles.values():
         tl.unfreeze(keys=["u", "d"])
@@ -142,16 +143,18 @@ def _grad_mask(model: DupModel, cfg: Config) -> list:
     return [spec.mode == "serial" and spec.replicas > 1 for spec in cfg.blocks]
 
 
-def write_back(cfg: Config, model: DupModel, handles: dict) -> Config:
+def write_back(cfg: Config, model: DupModel, handles: dict, shape: dict = None) -> Config:
     """A copy of ``cfg`` holding the tuned scales/biases (unfolded: the stored row/column gains
-    stay as they are and are folded again when the model is built), gains and β."""
+    stay as they are and are folded again when the model is built), gains and β. ``shape``
+    (model_io.model_shape; default: llama's matrices) says the architecture."""
     out = cfg.copy()
     out.tensors = dict(cfg.tensors)
+    arch = adapters.of_shape(shape) if shape else adapters.LLAMA
     for k, spec in enumerate(cfg.blocks):
         bits = cfg.block_quant(k)[0]
-        mults = [row_multipliers(cfg.tensors, k, i) for i in range(spec.replicas)]
+        mults = [row_multipliers(cfg.tensors, k, i, arch, shape) for i in range(spec.replicas)]
         for i in range(spec.replicas):
-            for m in MATRIX_NAMES:
+            for m in arch.matrix_names:
                 tl = handles.get((k, i, m))
                 if tl is None:
                     continue
@@ -248,7 +251,7 @@ def tune_end_to_end(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, *, ste
     accepted = best[0] < kl_start
     if accepted:
         model.update(best[1])
-        new = write_back(cfg, model, handles)
+        new = write_back(cfg, model, handles, model_shape(loaded.config))
     else:
         new = cfg.copy()
         new.tensors = dict(cfg.tensors)
