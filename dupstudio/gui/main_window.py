@@ -114,8 +114,10 @@ def _scroll(widget: QWidget) -> QWidget:
     widening the window."""
     from PySide6.QtWidgets import QFrame, QScrollArea
 
+    from dupstudio.gui.widgets import _Page
+
     area = QScrollArea()
-    area.setWidget(widget)
+    area.setWidget(_Page(widget))
     area.setWidgetResizable(True)
     area.setFrameShape(QFrame.NoFrame)
     return area

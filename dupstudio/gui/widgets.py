@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QSizePolicy,
     QTabWidget,
     QToolButton,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -102,6 +103,23 @@ class Banner(QFrame):
         return self.label.text() if self.isVisible() else ""
 
 
+class _Page(QWidget):
+    """A tab page's holder in its scroll area. A page with word-wrapped labels reports a
+    height-for-width, which the scroll area takes as the height it needs: that is the page's
+    *preferred* height (plots at their preferred size), so a page would scroll although it fits.
+    This holder answers with the minimum height instead."""
+
+    def __init__(self, page: QWidget) -> None:
+        super().__init__()
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(page)
+        self.page = page
+
+    def heightForWidth(self, width: int) -> int:  # noqa: N802
+        return self.minimumSizeHint().height()
+
+
 class ScrollingTabs(QTabWidget):
     """Tabs whose pages scroll when the window is smaller than a page's minimum size, so no page
     (nor a dock beside it) can push the window past the screen. ``addTab``, ``setCurrentWidget``,
@@ -109,7 +127,7 @@ class ScrollingTabs(QTabWidget):
 
     def addTab(self, page, label: str) -> int:  # noqa: N802
         area = QScrollArea()
-        area.setWidget(page)
+        area.setWidget(_Page(page))
         area.setWidgetResizable(True)
         area.setFrameShape(QFrame.NoFrame)
         area.setObjectName(f"scroll_{page.objectName() or label.lower()}")
@@ -117,7 +135,9 @@ class ScrollingTabs(QTabWidget):
 
     def page(self, index: int):
         w = self.widget(index)
-        return w.widget() if isinstance(w, QScrollArea) else w
+        if isinstance(w, QScrollArea):
+            w = w.widget()
+        return w.page if isinstance(w, _Page) else w
 
     def indexOf(self, page) -> int:  # noqa: N802
         for i in range(self.count()):

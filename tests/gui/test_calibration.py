@@ -127,6 +127,9 @@ def test_calibrate_only_the_selected_blocks_with_a_live_plot_and_time_left(windo
         assert "Block 1 of 2" in cal.bar.message.text()
     assert sig.args == ["done"], cal.last_message
     assert finished == [0, 2]
+    import numpy as np
+
+    assert np.isnan(cal.loss_curve.xData).sum() == 1  # no line from block 0's steps to block 2's
     assert "Block 2 of 2" in messages[0] and " left" in messages[0]  # from the first block's time
     assert len(cal.block_times) == 2 and cal.eta_seconds() == 0.0
     blocks = p.config.blocks

@@ -199,3 +199,19 @@ def test_k_editor_is_roomy(window):
     ed = view.indexWidget(m.index(0, COL["replicas"])) or view.findChild(QComboBox)
     assert isinstance(ed, QComboBox) and ed.width() >= 120
     assert ed.itemText(0) == "1 (no replicas)"
+
+
+def test_paste_keeps_structure_when_a_calibrated_gain_is_out_of_range(window):
+    """A calibrated α can be slightly negative; pasting such a row still sets K, mode, init…,
+    and says which value was left out."""
+    p, panel = window.project, window.layers
+    p.edit_blocks([0], "replicas", 2)
+    p.config.blocks[0].gains = [1.0, -0.005]  # as calibration may leave it
+    from dupstudio.gui.widgets import rows_as_tsv
+
+    panel.apply_bar.select_rows([0])
+    text = rows_as_tsv(panel.view)
+    panel.apply_bar.select_rows([2])
+    assert panel.paste(text) == 1
+    assert p.config.blocks[2].replicas == 2 and p.config.blocks[2].gains == [1.0, 1.0]
+    assert "not pasted: block 2: α/w" in window.status_text()

@@ -67,3 +67,17 @@ def test_dock_layout_is_remembered(make_window, qtbot, settings):
         assert not w3.sensitivity_dock.isVisible()
     finally:
         w3.shutdown()
+
+
+def test_pages_need_no_vertical_scrolling_at_760_pixels(window):
+    """A page's scroll area asks for the page's minimum height (not its preferred one, which a
+    page with wrapped text would report), and every page's minimum fits a 1280 × 760 window."""
+    from PySide6.QtWidgets import QScrollArea
+
+    w = window
+    w.roofline.refresh()
+    for i in range(w.tabs.count()):
+        holder = w.tabs.widget(i).widget()
+        assert isinstance(w.tabs.widget(i), QScrollArea)
+        h = holder.heightForWidth(1200)
+        assert h == holder.minimumSizeHint().height() <= 600, (TABS[i], h)

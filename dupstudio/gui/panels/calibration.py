@@ -189,14 +189,12 @@ class CalibrationPanel(QWidget):
         self.summary = QLabel("Replica parameters are tuned block by block on the text; a block keeps "
                               "new parameters only if its loss went down.")
         self.summary.setWordWrap(True)
-        self.summary.setMinimumWidth(260)
-        self.summary.setMaximumWidth(420)
+        self.summary.setFixedWidth(320)  # a fixed width keeps the wrapped text's height predictable
         side.addWidget(self.summary)
         self.memory = QLabel()
         self.memory.setObjectName("calibrationMemory")
         self.memory.setWordWrap(True)
-        self.memory.setMinimumWidth(260)
-        self.memory.setMaximumWidth(420)
+        self.memory.setFixedWidth(320)
         self.memory.setTextFormat(Qt.RichText)
         side.addWidget(self.memory)
         self.memory_estimate: Optional[dict] = None
@@ -212,7 +210,7 @@ class CalibrationPanel(QWidget):
         plots = QHBoxLayout()
         self.loss_plot = make_plot("Training loss (block-output MSE per Adam step)", "step (all blocks)",
                                    "loss", log_y=True)
-        self.loss_curve = pg.PlotDataItem([], [], pen=pg.mkPen("#1f77b4", width=1.5))
+        self.loss_curve = pg.PlotDataItem([], [], pen=pg.mkPen("#1f77b4", width=1.5), connect="finite")
         self.loss_plot.addItem(self.loss_curve)
         self.block_plot = make_plot("Each block's loss before and after calibration", "block",
                                     "block-output loss", log_y=True, legend=True)
@@ -471,9 +469,15 @@ class CalibrationPanel(QWidget):
         if not self._curve_dirty:
             return
         self._curve_dirty = False
-        y = np.asarray(self.losses)
+        x = np.asarray(self.steps_x, dtype=float)
+        y = np.asarray(self.losses, dtype=float)
         ok = y > 0
-        self.loss_curve.setData(np.asarray(self.steps_x)[ok], y[ok])
+        x, y = x[ok], y[ok]
+        if x.size > 1:  # a gap (no line) between one block's steps and the next block's
+            cut = np.where(np.diff(x) != 1)[0] + 1
+            x = np.insert(x, cut, np.nan)
+            y = np.insert(y, cut, np.nan)
+        self.loss_curve.setData(x, y)
 
     def _finish(self) -> None:
         self._redraw.stop()
@@ -505,7 +509,7 @@ class CalibrationPanel(QWidget):
             self.last_message = (f"Calibrated {what} in {fmt_seconds(result['seconds'])}: {acc} accepted"
                                  + (f", mean loss ratio after/before {np.mean(ratio):.3f}" if ratio else "")
                                  + ". Undo (Ctrl+Z) restores the previous configuration.")
-        self.summary.setText(self.last_message)
+        self.summary.setText(self.last_message.split(". Undo")[0] + ".")
         self.bar.idle(self.last_message, done=not result.get("cancelled"))
         self.plot_blocks(recs)
         if not self.losses and s.method == "adam" and s.steps > 0 and not result.get("cancelled"):
@@ -562,10 +566,14 @@ class CalibrationPanel(QWidget):
         xs = np.array([r["index"] for r in recs], dtype=float)
         before = np.array([r["loss_before"] for r in recs], dtype=float)
         after = np.array([r["loss_after"] for r in recs], dtype=float)
-        pi.addItem(pg.PlotDataItem(xs, before, pen=pg.mkPen(BEFORE_COLOR, width=1), symbol="o",
-                                   symbolSize=6, symbolBrush=BEFORE_COLOR, symbolPen=None))
-        pi.addItem(pg.PlotDataItem(xs, after, pen=pg.mkPen(AFTER_COLOR, width=1), symbol="s",
-                                   symbolSize=6, symbolBrush=AFTER_COLOR, symbolPen=None))
+        # a thin segment from before to after per block; no line across blocks (they differ in scale)
+        seg_x = np.repeat(xs, 3)
+        seg_y = np.column_stack([before, after, np.full(len(xs), np.nan)]).ravel()
+        pi.addItem(pg.PlotDataItem(seg_x, seg_y, pen=pg.mkPen(theme.muted(), width=1), connect="finite"))
+        pi.addItem(pg.PlotDataItem(xs, before, pen=None, symbol="o", symbolSize=7, symbolBrush=BEFORE_COLOR,
+                                   symbolPen=None))
+        pi.addItem(pg.PlotDataItem(xs, after, pen=None, symbol="s", symbolSize=7, symbolBrush=AFTER_COLOR,
+                                   symbolPen=None))
         rejected = sum(1 for r in recs if not r.get("accepted"))
         set_legend(self.block_plot, [("o", BEFORE_COLOR, "before"), ("s", AFTER_COLOR, "after")]
                    + ([("", theme.muted(), f"{rejected} rejected (kept as before)")] if rejected else []))

@@ -35,6 +35,13 @@ from dupstudio.gui import tasks, theme
 from dupstudio.gui.project import Project, config_summary, snapshot
 from dupstudio.gui.widgets import JobBar, PathEdit, fmt_float, install_copy, log_ticks, make_plot, placeholder, set_legend
 
+def fmt_ppl(v) -> str:
+    """A perplexity: 4 significant digits below 1,000, whole numbers with separators above."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{v:.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 HEADERS = ["#", "Configuration", "Details", "Bits / weight", "Perplexity", "95% interval", "KL (nats)",
            "Top-1 agreement", "Windows × ctx", "Seconds"]
 CSV_KEYS = ["run", "label", "details", "bits_per_weight", "ppl", "ppl_ci95_low", "ppl_ci95_high", "kl",
@@ -233,8 +240,9 @@ class EvaluationPanel(QWidget):
                "text_sha256": prov.get("text_sha256"), "mlx_version": prov.get("mlx_version"),
                "backend": prov.get("backend"), "machine": prov.get("machine")}
         self.add_row(row)
-        self.bar.idle(f"{label}: perplexity {r['ppl']:.4g} "
-                      f"[{r['ppl_ci95'][0]:.4g}, {r['ppl_ci95'][1]:.4g}] in {r['seconds']:.1f} s", done=True)
+        self.bar.idle(f"{label}: perplexity {fmt_ppl(r['ppl'])} "
+                      f"(95 % interval {fmt_ppl(r['ppl_ci95'][0])} – {fmt_ppl(r['ppl_ci95'][1])}) "
+                      f"in {r['seconds']:.1f} s", done=True)
         self._sync()
         self.finished.emit("done")
 
@@ -252,7 +260,7 @@ class EvaluationPanel(QWidget):
         self.table.insertRow(r)
         pct = (lambda v: "—" if v is None else f"{100 * v:.1f} %")
         cells = [str(row["run"]), row["label"], row["details"], fmt_float(row["bits_per_weight"], 4),
-                 fmt_float(row["ppl"], 5), f"{row['ppl_ci95_low']:.4g} – {row['ppl_ci95_high']:.4g}",
+                 fmt_ppl(row["ppl"]), f"{fmt_ppl(row['ppl_ci95_low'])} – {fmt_ppl(row['ppl_ci95_high'])}",
                  fmt_float(row["kl"], 4), pct(row["top1_agreement"]), f"{row['windows']} × {row['ctx']}",
                  f"{row['seconds']:.1f}"]
         for c, text in enumerate(cells):
@@ -283,7 +291,7 @@ class EvaluationPanel(QWidget):
         pi.addItem(pg.ErrorBarItem(x=xs, y=y, top=hi - y, bottom=y - lo, beam=0.2,
                                    pen=pg.mkPen(theme.colors()["axis_text"])))
         for x, v, yy in zip(xs, ppl, y):
-            t = pg.TextItem(f"{v:,.4g}", color="#ffffff", anchor=(0.5, 0.5))
+            t = pg.TextItem(fmt_ppl(v), color="#ffffff", anchor=(0.5, 0.5))
             pi.addItem(t)
             t.setPos(x, (base + yy) / 2)
         top = float(max(hi.max(), y.max())) + 0.1

@@ -378,6 +378,7 @@ class LayerTableModel(QAbstractTableModel):
             start = min(targets)
             pairs = [(start + i, r) for i, r in enumerate(rows) if start + i < self.rowCount()]
         order = [k for k in EDIT_FIELDS if k in EDITABLE]
+        self.paste_skipped = []
         stack = self.project.undo_stack
         stack.beginMacro(f"Paste {len(rows)} row{'s' if len(rows) != 1 else ''} onto "
                          f"{len(pairs)} block{'s' if len(pairs) != 1 else ''}")
@@ -391,9 +392,17 @@ class LayerTableModel(QAbstractTableModel):
                     if key in EDITABLE and cell and cell != "—":
                         values[key] = cell.split(",")[0].strip() if key in ("init", "granularity") else cell
                 for key in order:
-                    if key in values:
+                    if key not in values:
+                        continue
+                    try:
                         if self.project.edit_blocks([target], key, values[key]):
                             changed.add(target)
+                    except DupstudioError as e:
+                        if key not in ("gains", "residual_gain"):
+                            raise
+                        # a calibrated gain may lie outside what a person types (e.g. slightly
+                        # negative): the structural settings still paste; say what was left out
+                        self.paste_skipped.append(f"block {target}: {FIELD_LABELS.get(key, key)} ({e})")
         except (DupstudioError, ValueError) as e:
             stack.endMacro()
             stack.undo()
@@ -652,7 +661,9 @@ class LayersPanel(QWidget):
         rows = self.apply_bar.selected_rows() or [self.current_block()]
         n = self.model.paste_rows(QGuiApplication.clipboard().text() if text is None else text, rows)
         if n:
-            self.status.emit(f"Pasted settings onto {n} block{'s' if n != 1 else ''}")
+            skipped = getattr(self.model, "paste_skipped", [])
+            self.status.emit(f"Pasted settings onto {n} block{'s' if n != 1 else ''}"
+                             + (f"; not pasted: {'; '.join(skipped)}" if skipped else ""))
         return n
 
     def current_block(self) -> int:

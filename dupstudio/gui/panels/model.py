@@ -180,6 +180,7 @@ class ModelPanel(QWidget):
         t = QTableWidget(0, len(headers))
         t.setHorizontalHeaderLabels(headers)
         t.verticalHeader().setVisible(False)
+        t.verticalHeader().setDefaultSectionSize(22)  # compact rows: the tab fits a 760-pixel screen
         t.setEditTriggers(QAbstractItemView.NoEditTriggers)
         t.setSelectionMode(QAbstractItemView.NoSelection)
         t.setFocusPolicy(Qt.NoFocus)
