@@ -38,7 +38,9 @@ help:
 run: model
 	$(PRELOAD) $(VENV)/bin/dupstudio
 
+# The layering contracts (pyproject.toml, [tool.importlinter]) first, then the suite.
 test: test-model
+	$(VENV)/bin/lint-imports
 	DUPSTUDIO_TEST_HOME=$(TEST_HOME) QT_QPA_PLATFORM=offscreen $(PRELOAD) \
 		$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -54,7 +54,7 @@ def write_plot(df, path: Path, title: str = "") -> Path:
     import pyqtgraph as pg
 
     app = pg.mkQApp()
-    from dupstudio.gui.panels.sensitivity import SensitivityPlot
+    from dupstudio.plots import SensitivityPlot
 
     w = SensitivityPlot()
     try:

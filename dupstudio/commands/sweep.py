@@ -16,7 +16,6 @@ rank 0 writes the rows it has (missing ones marked) to ``sweep.csv``. See
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -72,188 +71,6 @@ def _is_writer() -> bool:
         return g.size() <= 1 or g.rank() == 0
     except Exception:  # noqa: BLE001 - no distribution: this process writes
         return True
-
-
-#: a point label's width (fraction of the x data range) and height (fraction of the log-ppl range)
-LABEL_WIDTH, LABEL_STEP = 0.35, 0.045
-
-
-def label_offsets(dd, x: str) -> dict:
-    """{row index: k}: labels of points that would overlap (close in x and in log perplexity)
-    move k label-heights up (k > 0) or down (k < 0), the nearest free slot first."""
-    import numpy as np
-
-    if dd.empty:
-        return {}
-    xs = dd[x].to_numpy(float)
-    ly = np.log10(dd["ppl"].to_numpy(float))
-    xr = max(xs.max() - xs.min(), 1e-9)
-    yr = max(ly.max() - ly.min(), 0.5)
-    order = np.lexsort((ly, xs))
-    out, placed = {}, []
-    for j in order:
-        tries = iter([0] + [v for n in range(1, len(xs) + 1) for v in (n, -n)])
-        k = next(tries)
-        while any(abs(xs[j] - xs[p]) < LABEL_WIDTH * xr and abs(ly[j] + k * yr * LABEL_STEP -
-                                                             (ly[p] + kp * yr * LABEL_STEP))
-                  < yr * LABEL_STEP * 0.9 for p, kp in placed):
-            k = next(tries)
-        placed.append((j, k))
-        out[dd.index[j]] = k
-    return out
-
-
-_QT_PLOTS_CHILD = "DUPSTUDIO_QT_PLOTS_CHILD"
-
-
-def _qt_plots_in_child(df, out: Path, budget_bpw, profile, budgets, paths) -> list:
-    """Render the pyqtgraph plots in a child Python process: the sweep's own process (a test, or
-    a GUI that runs the command) then never holds Qt plot objects of ours, whose teardown under the
-    garbage collector of another thread can deadlock or crash PySide."""
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = Path(tmp) / "sweep.csv"
-        df.to_csv(csv, index=False)
-        code = ("import json, sys, pandas as pd; from pathlib import Path; "
-                "from dupstudio.commands.sweep import write_plots; "
-                "write_plots(pd.read_csv(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4], "
-                "budgets=json.loads(sys.argv[5]))")
-        env = dict(os.environ, **{_QT_PLOTS_CHILD: "1"})
-        env.setdefault("QT_QPA_PLATFORM", "offscreen")
-        r = subprocess.run([sys.executable, "-c", code, str(csv), str(out), str(budget_bpw), str(profile),
-                            json.dumps([float(b) for b in (budgets or [budget_bpw])])],
-                           env=env, capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        raise RuntimeError(f"rendering the sweep plots failed: {(r.stderr or r.stdout).strip()[-800:]}")
-    return paths
-
-
-def write_plots(df, out: Path, budget_bpw: float, profile: str, budgets=None) -> list:
-    """PNG plots: perplexity vs bits/weight (Pareto front marked) and vs predicted latency.
-    matplotlib if installed, else pyqtgraph rendered offscreen. Returns the written paths."""
-    from dupstudio.core.search import pareto_front
-
-    d = df[df["ppl"].notna() & (df["ppl"] > 0)].copy()
-    d["front"] = pareto_front(d, "bits_per_weight", "ppl")
-    fp = d[d["source"] == "fp"]
-    fp_ppl = float(fp["ppl"].iloc[0]) if not fp.empty else None
-    specs = [("ppl_vs_bpw.png", "bits_per_weight", "bits / weight (decoder-block linears)", True),
-             ("ppl_vs_latency.png", "latency_ms", f"predicted decode latency, ms/token ({profile})", False)]
-    paths = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        for fname, x, xlabel, front in specs:
-            dd = d[d[x].notna()]
-            if front:  # bits plot: full precision (16 bits) as a line, not a far-away point
-                dd = dd[dd["source"] != "fp"]
-            fig, ax = plt.subplots(figsize=(9, 6))
-            offs = label_offsets(dd, x)
-            for src, mk in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "*")):
-                s = dd[dd["source"] == src]
-                ax.scatter(s[x], s["ppl"], marker=mk, label=src)
-                for i, r in s.iterrows():
-                    ax.annotate(r["name"], (r[x], r["ppl"]), fontsize=6, xytext=(5, 8 * offs[i]),
-                                textcoords="offset points",
-                                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if offs[i] else None)
-            if front and fp_ppl:
-                ax.axhline(fp_ppl, color="g", ls=":", lw=1, label=f"full precision ({fp_ppl:.1f})")
-            if front:
-                f = dd[dd["front"]].sort_values(x)
-                ax.plot(f[x], f["ppl"], "k--", label="Pareto front")
-                for b in (budgets or [budget_bpw]):
-                    ax.axvline(b, color="r", lw=0.8, label=f"budget {b:g}")
-            if not dd.empty:
-                xv = dd[x].to_numpy(float)
-                span = max(xv.max() - xv.min(), 1e-3)
-                ax.set_xlim(xv.min() - 0.03 * span, xv.max() + 0.45 * span)
-            ax.set_yscale("log")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("perplexity")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=120)
-            plt.close(fig)
-            paths.append(out / fname)
-        return paths
-    except ImportError:
-        pass
-    if os.environ.get(_QT_PLOTS_CHILD) != "1":
-        return _qt_plots_in_child(df, out, budget_bpw, profile, budgets, paths=[out / s[0] for s in specs])
-    import gc
-
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    import numpy as np
-    import pyqtgraph as pg
-
-    app = pg.mkQApp()
-    colors = {"dupstudio": (31, 119, 180), "mlx-lm": (255, 127, 14), "fp": (44, 160, 44)}
-    for fname, x, xlabel, front in specs:
-        dd = d[d[x].notna()]
-        if front:
-            dd = dd[dd["source"] != "fp"]
-        offs = label_offsets(dd, x)
-        pw = pg.PlotWidget(background="w")
-        pw.resize(900, 560)
-        pi = pw.getPlotItem()
-        pi.addLegend(offset=(-10, 10))
-        pi.setLogMode(False, True)
-        pi.setLabel("bottom", xlabel)
-        pi.setLabel("left", "perplexity (log)")
-        lead = []
-        for src, sym in (("dupstudio", "o"), ("mlx-lm", "s"), ("fp", "star")):
-            s = dd[dd["source"] == src]
-            if s.empty:
-                continue
-            pi.plot(s[x].to_numpy(float), s["ppl"].to_numpy(float), pen=None, symbol=sym, symbolSize=9,
-                    symbolBrush=colors[src], name=src)
-            ly = np.log10(dd["ppl"].to_numpy(float))
-            step = max(ly.max() - ly.min(), 0.5) * LABEL_STEP  # one label height, in decades
-            for i, r in s.iterrows():
-                t = pg.TextItem(str(r["name"]), color=(60, 60, 60), anchor=(0, 1))
-                y0 = float(np.log10(r["ppl"]))
-                t.setPos(float(r[x]), y0 + step * offs[i])
-                pi.addItem(t)
-                if offs[i]:  # a label moved off its point: a leader line back to it
-                    lead += [(float(r[x]), 10 ** y0), (float(r[x]), 10 ** (y0 + step * offs[i]))]
-        if lead:  # one item for all leader lines
-            a = np.array(lead)
-            pi.plot(a[:, 0], a[:, 1], connect="pairs", pen=pg.mkPen((150, 150, 150), width=1))
-        if front and fp_ppl:
-            pi.addItem(pg.InfiniteLine(pos=float(np.log10(fp_ppl)), angle=0,
-                                       pen=pg.mkPen((44, 160, 44), style=pg.QtCore.Qt.PenStyle.DotLine),
-                                       label=f"full precision {fp_ppl:.1f}",
-                                       labelOpts={"position": 0.9, "color": (44, 120, 44)}))
-        if front:
-            f = dd[dd["front"]].sort_values(x)
-            pi.plot(f[x].to_numpy(float), f["ppl"].to_numpy(float), pen=pg.mkPen("k", width=1.5,
-                    style=pg.QtCore.Qt.PenStyle.DashLine), name="Pareto front")
-            for b in (budgets or [budget_bpw]):
-                pi.addItem(pg.InfiniteLine(pos=b, angle=90, pen=pg.mkPen("r"), label=f"≤{b:g}",
-                                           labelOpts={"position": 0.04, "color": (200, 0, 0)}))
-        if not dd.empty:
-            xv = dd[x].to_numpy(float)
-            span = max(xv.max() - xv.min(), 1e-3)
-            pi.setXRange(xv.min() - 0.03 * span, xv.max() + 0.45 * span, padding=0)
-        # render the widget through QWidget.grab, which lays it out first, without showing it
-        # (ImageExporter on a never-laid-out widget draws the axis labels over the tick labels)
-        if not pw.grab().save(str(out / fname), "PNG"):
-            raise OSError(f"could not write {out / fname}")
-        paths.append(out / fname)
-        # tear the widget down while the QApplication lives (else a crash at interpreter exit)
-        pi.clear()
-        pw.close()
-        pw.deleteLater()
-        del pi, pw
-        app.processEvents()
-        gc.collect()
-        app.processEvents()
-    return paths
 
 
 def _parse_mlx_lm(text):
@@ -423,6 +240,8 @@ def _run(args, dist) -> int:
         C.save(best, out / fname)
         written.append(out / fname)
     C.atomic_write_bytes(out / "sweep_provenance.json", (json.dumps(prov, indent=2) + "\n").encode())
+    from dupstudio.plots import write_plots
+
     plots = write_plots(df, out, budgets[0], args.profile, budgets=budgets)
     md = summary_markdown(df, budgets, seconds=seconds, machine=prov.get("machine", ""))
     C.atomic_write_bytes(out / "summary.md", md.encode())

@@ -56,7 +56,7 @@ def test_sweep_writes_csv_json_pngs(tmp_path, tiny_model_dir, capsys):
 
 
 def test_label_offsets_separate_close_points_and_leave_lone_ones():
-    from dupstudio.commands.sweep import LABEL_STEP, label_offsets
+    from dupstudio.plots import LABEL_STEP, label_offsets
 
     df = pd.DataFrame({"x": [2.5, 2.5, 2.5, 4.5], "ppl": [200.0, 210.0, 220.0, 50.0]},
                       index=[10, 11, 12, 13])

@@ -2,16 +2,13 @@
 quantized and of the KL a second, calibrated replica of that block removes; the values in a table;
 "Set K = 2 on the top N blocks" applies the result to the layer table (one undoable step).
 
-:class:`SensitivityPlot` is also what ``dupstudio sensitivity`` renders offscreen into its PNG."""
+:class:`dupstudio.plots.SensitivityPlot` is also what ``dupstudio sensitivity`` renders into its PNG."""
 from __future__ import annotations
 
 import math
 from typing import Optional
 
-import numpy as np
-import pyqtgraph as pg
-from PySide6.QtCore import QRectF, Qt, Signal
-from PySide6.QtGui import QFont
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -28,10 +25,8 @@ from PySide6.QtWidgets import (
 
 from dupstudio.gui import theme
 from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds
+from dupstudio.plots import SensitivityPlot, _num
 
-KL_COLOR = "#1f77b4"
-GAIN_COLOR = "#2ca02c"
-LOSS_COLOR = "#d62728"  # a second replica that made the KL worse
 TABLE_COLUMNS = (("block", "Block", "decoder block"),
                  ("kl_quantized", "KL quantized", "KL from full precision with only this block quantized "
                                                   "(round to nearest)"),
@@ -41,17 +36,6 @@ TABLE_COLUMNS = (("block", "Block", "decoder block"),
                  ("bits_per_weight", "bits/w", "bits per weight of this block at K = 1"),
                  ("bits_per_weight_k2", "bits/w K=2", "bits per weight of this block with the second replica"),
                  ("seconds", "s", "seconds this block took"))
-TOP_TITLE = "KL from full precision, only block k quantized"
-BOTTOM_TITLE = "KL removed by a second replica (red: made worse)"
-
-
-def _num(v) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return f
-
 
 class _NumItem(QTableWidgetItem):
     """A table cell that sorts by its number (Qt.UserRole), NaN last."""
@@ -61,117 +45,6 @@ class _NumItem(QTableWidgetItem):
         if math.isnan(a) or math.isnan(b):
             return not math.isnan(a) and math.isnan(b)
         return a < b
-
-
-def _no_min_width(label: pg.LabelItem) -> None:
-    """pyqtgraph's LabelItem makes its text width its minimum width on every resize; this one
-    may be clipped instead (keeps its minimum height)."""
-
-    def update_min() -> None:
-        label.setMinimumWidth(0)
-        label.setMinimumHeight(label.itemRect().height())
-
-    label.updateMin = update_min
-    update_min()
-
-
-class SensitivityPlot(pg.GraphicsLayoutWidget):
-    """Two bar charts over the block index, x linked: KL with only block k quantized (top) and
-    the KL gain of a second replica of block k (bottom; negative bars in red)."""
-
-    def __init__(self, parent: Optional[QWidget] = None) -> None:
-        super().__init__(parent)
-        self.setBackground("w")
-        self.title = self.addLabel("", row=0, col=0, size="10pt")
-        _no_min_width(self.title)
-        self.top = self.addPlot(row=1, col=0)
-        self.bottom = self.addPlot(row=2, col=0)
-        self.bottom.setXLink(self.top)
-        self.ci.layout.setRowStretchFactor(1, 3)
-        self.ci.layout.setRowStretchFactor(2, 2)
-        font = QFont()
-        font.setPointSize(9)
-        for pi, ptitle in ((self.top, TOP_TITLE), (self.bottom, BOTTOM_TITLE)):
-            for side in ("left", "bottom"):
-                ax = pi.getAxis(side)
-                ax.setTickFont(font)
-                ax.setPen(pg.mkPen("#444"))
-                ax.setTextPen(pg.mkPen("#222"))
-                ax.enableAutoSIPrefix(False)
-            pi.getAxis("left").setWidth(52)  # room for "0.005"-style labels; both charts aligned
-            pi.setTitle(ptitle, size="9pt")
-            _no_min_width(pi.titleLabel)  # a long title must not widen the chart past its dock
-            pi.showGrid(x=False, y=True, alpha=0.25)
-            pi.setMenuEnabled(False)
-        self.bottom.setLabel("bottom", "decoder block")
-        self.bars: dict = {}  # series -> BarGraphItem
-        self.rows: list = []
-        self.set_rows([])
-
-    def set_rows(self, rows: list, title: str = "") -> None:
-        self.rows = [dict(r) for r in rows]
-        self.title.setText(title)
-        self.title.setMaximumHeight(40 if title else 0)
-        self.top.clear()
-        self.bottom.clear()
-        self.bars = {}
-        if not self.rows:
-            self._show_bottom(True)
-            return
-        x = np.array([int(r["block"]) for r in self.rows], dtype=float)
-        kl = np.array([_num(r.get("kl_quantized")) for r in self.rows])
-        ok = np.isfinite(kl)
-        self.bars["kl_quantized"] = pg.BarGraphItem(x=x[ok], height=kl[ok], width=0.7, brush=KL_COLOR, pen=None)
-        self.top.addItem(self.bars["kl_quantized"])
-        gain = np.array([_num(r.get("kl_gain")) for r in self.rows])
-        has_gain = bool(np.isfinite(gain).any())
-        self._show_bottom(has_gain)
-        if has_gain:
-            ok = np.isfinite(gain)
-            brushes = [GAIN_COLOR if g >= 0 else LOSS_COLOR for g in gain[ok]]
-            self.bars["kl_gain"] = pg.BarGraphItem(x=x[ok], height=gain[ok], width=0.7, brushes=brushes, pen=None)
-            self.bottom.addItem(self.bars["kl_gain"])
-            self.bottom.addItem(pg.InfiniteLine(pos=0, angle=0, pen=pg.mkPen("#444", width=1)))
-        lo, hi = float(x.min()), float(x.max())
-        self.top.setXRange(lo - 0.6, hi + 0.6, padding=0)
-        if len(x) <= 64:  # a label per block where it fits (every 5th first)
-            ticks = [[(float(b), str(int(b))) for b in x if int(b) % 5 == 0],
-                     [(float(b), str(int(b))) for b in x if int(b) % 5 != 0]]
-            for pi in (self.top, self.bottom):
-                pi.getAxis("bottom").setTicks(ticks)
-        else:
-            for pi in (self.top, self.bottom):
-                pi.getAxis("bottom").setTicks(None)
-        top = float(np.nanmax(kl)) if np.isfinite(kl).any() else 1.0
-        self.top.setYRange(0.0, max(top, 1e-12) * 1.08, padding=0)
-
-    def _show_bottom(self, shown: bool) -> None:
-        """The gain chart shown or collapsed (kept in the layout: removing a linked plot from
-        the scene leaves pyqtgraph callbacks pointing at deleted view boxes)."""
-        self.bottom.setMinimumHeight(0)
-        self.bottom.setMaximumHeight(16777215 if shown else 0)
-        self.bottom.setVisible(shown)
-        self.top.setLabel("bottom", None if shown else "decoder block")
-
-    def mark(self, blocks) -> None:
-        """Outline the gain bars of ``blocks`` (the ones "use the result" would change)."""
-        bars = self.bars.get("kl_gain")
-        if bars is None:
-            return
-        chosen = {int(b) for b in blocks}
-        pens = [pg.mkPen("#111", width=2) if int(b) in chosen else pg.mkPen(None) for b in bars.opts["x"]]
-        bars.setOpts(pens=pens)
-
-    def export_png(self, path: str, width: int = 1000, height: int = 620) -> None:
-        """Render offscreen (no show needed) into a PNG."""
-        import pyqtgraph.exporters as pge
-
-        self.resize(width, height)
-        self.ci.setGeometry(QRectF(0, 0, width, height))
-        exp = pge.ImageExporter(self.ci)
-        exp.parameters()["width"] = width
-        exp.export(str(path))
-        del exp
 
 
 class SensitivityPanel(QWidget):
