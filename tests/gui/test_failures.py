@@ -9,7 +9,6 @@ import pytest
 
 pytest.importorskip("PySide6")
 
-from dupstudio.gui.main_window import TABS  # noqa: E402
 from dupstudio.gui.text import fmt_ms, fmt_si, user_message  # noqa: E402
 
 TIMEOUT_MS = 60_000

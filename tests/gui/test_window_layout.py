@@ -81,3 +81,22 @@ def test_pages_need_no_vertical_scrolling_at_760_pixels(window):
         assert isinstance(w.tabs.widget(i), QScrollArea)
         h = holder.heightForWidth(1200)
         assert h == holder.minimumSizeHint().height() <= 600, (TABS[i], h)
+
+
+def test_every_table_copies_its_rows(window, qtbot):
+    """Ctrl+C on any table of the window copies the selected rows as tab-separated text."""
+    from PySide6.QtGui import QGuiApplication, QKeySequence
+    from PySide6.QtWidgets import QTableView
+
+    views = [v for v in window.findChildren(QTableView) if v.objectName() in
+             ("layerTable", "evalTable", "rooflineTable")] + [window.sensitivity.table]
+    assert len(views) == 4
+    for v in views:
+        acts = [a for a in v.actions() if a.shortcut() == QKeySequence(QKeySequence.Copy)]
+        assert acts, v.objectName()
+    window.roofline.set_mode("profile")
+    t = window.roofline.table
+    t.selectRow(0)
+    [a for a in t.actions() if a.shortcut() == QKeySequence(QKeySequence.Copy)][0].trigger()
+    lines = QGuiApplication.clipboard().text().strip("\n").split("\n")
+    assert lines[0].startswith("Hardware\tConfiguration") and len(lines) == 2

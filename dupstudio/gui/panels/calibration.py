@@ -208,7 +208,7 @@ class CalibrationPanel(QWidget):
         lay.addWidget(self.bar)
 
         plots = QHBoxLayout()
-        self.loss_plot = make_plot("Training loss (block-output MSE per Adam step)", "step (all blocks)",
+        self.loss_plot = make_plot("Training loss (block-output MSE per Adam step)", "Adam steps, by block",
                                    "loss", log_y=True)
         self.loss_curve = pg.PlotDataItem([], [], pen=pg.mkPen("#1f77b4", width=1.5), connect="finite")
         self.loss_plot.addItem(self.loss_curve)
@@ -386,6 +386,7 @@ class CalibrationPanel(QWidget):
         self.steps_x, self.losses, self._boundaries = [], [], []
         self.block_records, self.block_times, self.blocks_done = [], [], 0
         self.loss_curve.setData([], [])
+        self.loss_plot.getPlotItem().getAxis("bottom").setTicks(None)
         self.loss_plot.getPlotItem().setTitle("Training loss (block-output MSE per Adam step)", size="10pt")
         self._settings = settings
         self.plot_blocks([], running=True)
@@ -478,6 +479,13 @@ class CalibrationPanel(QWidget):
             x = np.insert(x, cut, np.nan)
             y = np.insert(y, cut, np.nan)
         self.loss_curve.setData(x, y)
+        starts = sorted(set(self._boundaries))
+        steps = max(self._settings.steps, 1)
+        ax = self.loss_plot.getPlotItem().getAxis("bottom")
+        if 0 < len(starts) <= 16:  # a tick where each block's steps start, named by the block
+            ax.setTicks([[(b, f"block {int(b // steps)}") for b in starts], []])
+        else:
+            ax.setTicks(None)
 
     def _finish(self) -> None:
         self._redraw.stop()

@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (
 )
 
 from dupstudio.gui import theme
-from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds
+from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds, install_copy
 from dupstudio.plots import SensitivityPlot, _num
 
 TABLE_COLUMNS = (("block", "Block", "decoder block"),
@@ -80,10 +80,14 @@ class SensitivityPanel(QWidget):
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        hh = self.table.horizontalHeader()
+        hh.setSectionResizeMode(QHeaderView.Stretch)  # every column within the dock's width
+        hh.setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        hh.setMinimumSectionSize(36)
+        self.table.verticalHeader().setDefaultSectionSize(22)
         self.table.horizontalHeader().setSortIndicator(0, Qt.AscendingOrder)
         self.table.setSortingEnabled(True)
+        install_copy(self.table)
         split.addWidget(self.table)
         split.setSizes([320, 200])
         lay.addWidget(split, 1)
@@ -143,7 +147,7 @@ class SensitivityPanel(QWidget):
                 elif key == "seconds":
                     text = "—" if v is None or not math.isfinite(_num(v)) else f"{_num(v):.1f}"
                 else:
-                    text = fmt_float(None if v is None or not math.isfinite(_num(v)) else _num(v), 4)
+                    text = fmt_float(None if v is None or not math.isfinite(_num(v)) else _num(v), 3)
                 item = _NumItem(text)
                 item.setData(Qt.UserRole, _num(v))
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
