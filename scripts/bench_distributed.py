@@ -1,5 +1,5 @@
 """Wall-clock of a small ``dupstudio sweep`` with 1 rank and with 2 ranks (``mlx.launch -n 2
---backend ring`` on localhost), measured in one run and printed as a ratio (issue 11).
+--backend ring`` on localhost), measured in one run and printed as a ratio.
 
     python scripts/bench_distributed.py                    # the tiny random model (a temp folder)
     python scripts/bench_distributed.py --default-model    # the shipped default model

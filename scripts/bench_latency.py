@@ -6,7 +6,7 @@ Measures prefill and decode (dupstudio.core.bench: interleaved repetitions, medi
 * FP: the float model (float32 on the CPU backend);
 * 4-bit g64, 2-bit g64 K=1 and 2-bit g64 K=2 serial everywhere (dupstudio deploy mode, float embedding);
 * mlx-lm's own 2-bit g64 model (``nn.quantize`` on mlx-lm's llama, embedding included) and dupstudio's
-  K=1 configured exactly like it (decision 14), with float16 scales (the default build) and with
+  K=1 configured exactly like it (like with like), with float16 scales (the default build) and with
   compute-dtype scales: the wrapper-overhead ratio dupstudio / mlx-lm;
 
 and sets every measurement against the roofline prediction on "this machine". The machine profile

@@ -1,4 +1,4 @@
-"""Calibrate and evaluate a set of configurations on the default model (issue 5's table).
+"""Calibrate and evaluate a set of configurations on the default model (the calibration table in the README).
 
 Usage: python scripts/calibration_table.py --preset fast --out out/cal_fast [--configs k1,k2s,k2p]
 Calibration text: ../shared/data/wikitext2-valid.txt; evaluation: wikitext2-test (never calibrated on).

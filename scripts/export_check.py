@@ -1,6 +1,6 @@
 """Calibrate (full preset) a K=1 and a K=2 configuration of the default model, export both as
 mlx-lm folders, and measure each export through mlx-lm's own loader in a separate interpreter
-that cannot import dupstudio (issue 13's check). Prints a markdown table.
+that cannot import dupstudio (a check that the export stands alone). Prints a markdown table.
 
 Usage: python scripts/export_check.py --out DIR [--preset full] [--windows 16]
 """

@@ -1,4 +1,4 @@
-"""Packaging (issue 8): the PyInstaller spec, the icons, the bundled model's licence, example
+"""Packaging: the PyInstaller spec, the icons, the bundled model's licence, example
 configurations, and - with DUPSTUDIO_TEST_PACKAGE=1, since the build takes minutes - the real
 bundle: `make package`, its `--self-test`, and the first-start conversion of the bundled GGUF."""
 from __future__ import annotations

@@ -4,7 +4,7 @@ quantizations on the same windows; writes DIR/sweep.csv, DIR/best.json and PNG p
 
 Perplexity (+ bootstrap 95% interval), KL from full precision, top-1 agreement, bits/weight of the
 decoder-block linears and the predicted decode latency on a hardware profile (default M1 Pro).
-Calibration uses the fast preset by default (decision 10).
+Calibration uses the fast preset by default (minutes per configuration on 2 CPU cores).
 
 Under ``mlx.launch`` with more than one rank the configurations are split across the ranks
 (longest first, on each job's cost), every finished row is journaled in the cache

@@ -1,4 +1,4 @@
-"""Evaluation and the sweep spread over several processes under ``mlx.launch`` (issue 11).
+"""Evaluation and the sweep spread over several processes under ``mlx.launch``.
 
 The sweep: :func:`sweep_distributed` (jobs split by :func:`lpt_assign`, journaled per rank in the
 cache, gathered to rank 0 with :func:`all_gather_bytes`); see its docstring for failures and

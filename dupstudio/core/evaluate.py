@@ -1,7 +1,7 @@
 """Perplexity (with a bootstrap interval over windows), KL divergence from the full-precision
 model and top-1 agreement.
 
-Protocol (decision 7): non-overlapping windows of ``ctx`` tokens from the start of the text;
+Protocol (one for every figure dupstudio reports, so that they compare): non-overlapping windows of ``ctx`` tokens from the start of the text;
 inputs window[:-1], targets window[1:]; no BOS added; computed in the model's dtype (float32
 on the CPU backend).
 """

@@ -25,7 +25,7 @@ MLX's min-max rule (``mlx/backend/cpu/quantized.cpp``, reproduced bit for bit by
 
 so the larger-magnitude edge is exactly representable (code 0), zero is exactly representable, and
 the far edge may fall up to half a step outside the grid. Scales and biases are computed in float32
-and then stored as float16 (project decision 2); codes are always computed from the float32 values,
+and then stored as float16 (as deployed; bits per weight count them at 16 bits); codes are always computed from the float32 values,
 as MLX does, so for float16 input the triple is identical to ``mx.quantize(w_fp16, g, bits)``.
 
 Packing (all bit widths): MLX's packed rows are one little-endian bit stream, code ``j`` occupying

@@ -57,7 +57,7 @@ MODES = ("serial", "parallel")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = (16, 32)
 GROUP_SIZES = (32, 64, 128)
-SCALE_BIAS_BYTES = 4  # one fp16 scale + one fp16 bias per group (decision 2)
+SCALE_BIAS_BYTES = 4  # one fp16 scale + one fp16 bias per group (as stored)
 NORM_BYTES = 2  # RMSNorm weights stored as fp16
 MIB = 1 << 20
 
@@ -347,7 +347,7 @@ SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_blocks", "num_heads", "nu
               "vocab_size", "tied_embeddings")
 
 SHAPE_PRESETS: dict[str, dict] = {
-    # "A 7B model of the same family" (decision 13), by config shapes alone.
+    # a 7B model of the same family, described by its config shapes alone (no weights needed)
     "llama-2-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_blocks": 32, "num_heads": 32,
                    "num_kv_heads": 32, "head_dim": 128, "vocab_size": 32000, "tied_embeddings": False},
     "llama-3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_blocks": 32, "num_heads": 32,
@@ -624,7 +624,7 @@ class RooflineResult:
     prefill: dict  # assumption -> Estimate
     blocks: list  # BlockBreakdown
     components: dict  # decode bytes per component (block weights per assumption)
-    bits_per_weight: float  # decoder-block linears incl. all replica parameters (decision 3/4)
+    bits_per_weight: float  # decoder-block linears incl. all replica parameters
     storage_bytes: dict  # deploy memory: block linears (+replica params), norms, embedding, head, total
     notes: list = field(default_factory=list)
 

@@ -122,7 +122,7 @@ def test_parse_layers():
         C.parse_layers("0-30", 30)
 
 
-# ------------------------------------------------------------------ issue 22: nothing lost, nothing hangs
+# ------------------------------------------------------------------ nothing lost, nothing hangs
 def _one_line(e) -> str:
     text = str(e.value)
     assert "\n" not in text and "Traceback" not in text

@@ -1,4 +1,4 @@
-"""The sweep spread over ranks (issue 11): LPT assignment, journal and reuse in one process, and
+"""The sweep spread over ranks: LPT assignment, journal and reuse in one process, and
 ``mlx.launch -n 2 --backend ring`` on localhost against one process (tiny model, fast settings)."""
 import os
 import shutil

@@ -347,7 +347,7 @@ def test_damaged_real_conversion(converted, tmp_path):
     assert not gguf.is_complete_conversion(d)
 
 
-# ------------------------------------------------------------------ issue 22: limits before allocation
+# ------------------------------------------------------------------ limits before allocation
 from dupstudio.core.testing import GGUF_ARRAY, GGUF_STRING, GGUF_U32, write_tiny_gguf  # noqa: E402
 
 

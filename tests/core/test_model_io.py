@@ -231,7 +231,7 @@ def test_default_model_knows_the_capital_of_france(default_loaded):
 @pytest.mark.slow
 def test_default_model_perplexity_4x512(default_loaded):
     """exp(mean NLL) on the first 4 non-overlapping 512-token windows of WikiText-2 test:
-    inputs window[:-1], targets window[1:], no BOS, float32 (decisions 7)."""
+    inputs window[:-1], targets window[1:], no BOS, float32 (the evaluation protocol)."""
     if not WIKITEXT.exists():
         pytest.skip(f"{WIKITEXT} not found (the shared data folder sits beside the repository)")
     import mlx.core as mx
@@ -254,7 +254,7 @@ def test_default_model_perplexity_4x512(default_loaded):
     assert 5 < ppl < 45, ppl
 
 
-# --------------------------------------------------------------------------- issue 22: sizes checked first
+# --------------------------------------------------------------------------- sizes checked first
 @pytest.mark.parametrize("changes,words", [
     ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers: 1000000000 is out of range"),
     ({"num_hidden_layers": 4}, "config.json says 4 blocks but the weight files hold 3"),

@@ -148,7 +148,7 @@ def test_k2_serial_doubles_flops_passes_and_dram_weight_bytes(m1pro):
     assert k2.decode["cache"].bytes - k1.decode["cache"].bytes == 3 * SCALES_G64 + extra_kv
     assert k2.components["replica_params"] == 3 * SCALES_G64
     assert k2.bits_per_weight == pytest.approx(3.0)
-    # decision 4: K = 2 : K = 1 deploy memory of the block linears <= 1.25x
+    # the memory budget of replication: K = 2 : K = 1 deploy memory of the block linears <= 1.25x
     assert k2.storage_bytes["block_linears"] / k1.storage_bytes["block_linears"] == pytest.approx(1.2)
 
 

@@ -1,5 +1,5 @@
 """A failed action leaves the window as it was and says so once; the next success clears it
-(issue 21: failed model opens, stale error banners, messages in programmer notation, quitting)."""
+(failed model opens, stale error banners, messages in programmer notation, quitting)."""
 import os
 import subprocess
 import sys
