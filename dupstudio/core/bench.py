@@ -25,7 +25,7 @@ Models: :func:`build_fp` (the loaded float model), :func:`build_deploy` (a confi
 ``deploy`` mode: real packed kernels), :func:`build_mlx_lm_reference` (mlx-lm's own quantization:
 ``mlx.nn.quantize(model, group_size, bits)`` on mlx-lm's llama, embedding included, as its
 conversion does) and :func:`reference_config` (dupstudio's K = 1 configured exactly as that
-conversion quantizes, decision 14: every block at the bits / group size and ``embedding.bits`` =
+conversion quantizes, so that the comparison is like with like: every block at the bits / group size and ``embedding.bits`` =
 bits).
 
 Predictions: :func:`predict_for` runs :func:`dupstudio.core.roofline.predict` for a configuration
@@ -164,7 +164,7 @@ def build_mlx_lm_reference(loaded, bits: int, group_size: int) -> Any:
 
 
 def reference_config(shape: dict, bits: int = 2, group_size: int = 64, source: str = ""):
-    """Dupstudio's K = 1 configured exactly as mlx-lm's conversion quantizes (decision 14):
+    """Dupstudio's K = 1 configured exactly as mlx-lm's conversion quantizes (like with like):
     every block at ``bits`` / ``group_size``, the embedding (and tied head) too."""
     from dupstudio.core.config import new_config
 

@@ -82,7 +82,7 @@ class CalibSettings:
 
 
 PRESETS = {
-    # ≤ 10 min for the default model on 2 CPU cores (decision 10)
+    # ≤ 10 min for the default model on 2 CPU cores (a preset a user can wait for)
     "fast": CalibSettings(method="adam", steps=40, lr=3e-3, batch=4, seqs=32, seq_len=256,
                           init="closed_form", reg=1.0),
     # the reference recipe's data and batch, with a closed-form start
@@ -899,7 +899,8 @@ def _loss_of_start(prob, loaded, cfg, k, float_w, codes, x, y, mask, bs, strateg
     spec = cfg.blocks[k]
     reps = [make_replica_block(loaded.model.args, bt, i, "simulate", mx.float32) for i in range(spec.replicas)]
     if cfg.blocks[k].calibration is None and spec.replicas > 1:
-        # uncalibrated replicas are compared from the K = 1 starting point too (decision 5)
+        # uncalibrated replicas are compared from the K = 1 starting point too: calibration starts
+        # a replica at α = 0, so a calibrated block never ends worse than plain K = 1
         gains = [1.0] + [0.0] * (spec.replicas - 1)
         blk = ReplicatedBlock(reps, spec.mode, gains, spec.residual_gain)
         blk_cfg = ReplicatedBlock(reps, spec.mode, spec.gains, spec.residual_gain)

@@ -9,7 +9,7 @@ Two modes:
   the *same* packed code arrays (no copy) and hold only their own scales and biases.
 
 Both produce the same logits within float tolerance, because both use the same fp16-rounded
-scales and biases (decision 2: stored as float16 even when computing in float32).
+scales and biases (stored as float16, as deployed, even when computing in float32).
 
 The block semantics are documented in :mod:`dupstudio.core.config`.
 
@@ -421,7 +421,7 @@ def build(loaded: LoadedModel, cfg: Config, mode: str = "simulate", *,
     """Base model + configuration -> runnable DupModel (``simulate`` or ``deploy``).
 
     ``scale_dtype`` (deploy): the dtype the packed layers hold their scales and biases in. None
-    (default): float16, as stored (decision 2). ``"compute"``: the compute dtype (the same
+    (default): float16, as stored. ``"compute"``: the compute dtype (the same
     fp16-rounded values, lossless), as mlx-lm's own quantization of float32 weights holds them:
     with float32 activations MLX otherwise casts every float16 scale and bias array at every call
     (two extra ops per quantized matmul, ~7% of a decode step of the default model on the CPU

@@ -36,7 +36,7 @@ def _shape(loaded) -> dict:
 
 
 def dividing_group_sizes(shape: dict, sizes=(32, 64, 128)) -> list:
-    """Group sizes that divide every block matrix's rows (decision 6)."""
+    """Group sizes that divide every block matrix's rows (MLX groups never straddle rows)."""
     rows = [shape["hidden_size"], shape["intermediate_size"], shape["num_heads"] * shape["head_dim"]]
     return [g for g in sizes if all(r % g == 0 for r in rows)]
 

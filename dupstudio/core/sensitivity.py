@@ -1,4 +1,4 @@
-"""Per-block sensitivity (issue 9): for each decoder block k, the loss when ONLY block k is
+"""Per-block sensitivity: for each decoder block k, the loss when ONLY block k is
 quantized (KL from full precision on calibration text, all other blocks float), and the gain
 when block k alone gets a second, calibrated replica. Shown as bars per block (CLI PNG, GUI).
 

@@ -1,4 +1,4 @@
-"""Streamed (block-by-block) evaluation and a peak-memory estimator (issue 11).
+"""Streamed (block-by-block) evaluation and a peak-memory estimator.
 
 The in-memory path holds the whole float base model *and* the built configuration. The
 streamed path loads the model lazily (``open_model(path, lazy=True)``) and runs all windows
