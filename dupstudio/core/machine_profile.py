@@ -64,10 +64,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
-from dupstudio.core.model_io import dupstudio_home
-from dupstudio.core.roofline import MIB, HardwareProfile, load_profiles_doc
+# the cached profile is read where profiles are resolved (roofline), written here after measuring
+from dupstudio.core.roofline import (MIB, HardwareProfile, load_cached,  # noqa: F401
+                                    load_profiles_doc, profile_path)
 
-PROFILE_FILE = "machine_profile.json"
 SCHEMA = 1
 
 # The default model's block shapes (SmolLM2-135M).
@@ -741,10 +741,6 @@ def _mlx_lm_version() -> str:
 
 
 # --------------------------------------------------------------------------- cache
-def profile_path() -> Path:
-    return dupstudio_home() / PROFILE_FILE
-
-
 def save(prof: HardwareProfile, path: Optional[Path] = None) -> Path:
     from dupstudio.core.safeio import atomic_write_bytes
 
@@ -763,18 +759,6 @@ def _finite(o):
     if isinstance(o, (list, tuple)):
         return [_finite(v) for v in o]
     return o
-
-
-def load_cached(path: Optional[Path] = None) -> Optional[HardwareProfile]:
-    """The cached measured profile, or None (absent or unreadable)."""
-    path = Path(path) if path else profile_path()
-    if not path.exists():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        return HardwareProfile.from_json(doc.get("name", "machine"), doc)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, DupstudioError, KeyError, TypeError, ValueError):
-        return None
 
 
 def is_current(prof: HardwareProfile) -> bool:

@@ -302,14 +302,34 @@ def default_profile_name(path: Optional[Path] = None) -> str:
     return load_profiles_doc(path)["default"]
 
 
+#: where the measured profile of this machine is cached (written by machine_profile.save)
+PROFILE_FILE = "machine_profile.json"
+
+
+def profile_path() -> Path:
+    from dupstudio.core.model_io import dupstudio_home
+
+    return dupstudio_home() / PROFILE_FILE
+
+
+def load_cached(path: Optional[Path] = None) -> Optional[HardwareProfile]:
+    """The cached measured profile, or None (absent or unreadable)."""
+    path = Path(path) if path else profile_path()
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return HardwareProfile.from_json(doc.get("name", "machine"), doc)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, DupstudioError, KeyError, TypeError, ValueError):
+        return None
+
+
 def get_profile(name: Optional[str] = None, path: Optional[Path] = None) -> HardwareProfile:
     """A named profile (None: the file's default, Apple M1 Pro). ``machine`` / ``this-machine``:
     the cached measured profile (measure it first with ``machine_profile.load_or_measure``).
     Names resolve as :func:`resolve_profile_name` says (``m1-pro`` = ``apple-m1-pro``)."""
     if name is not None and str(name).strip().lower().replace(" ", "-") in MACHINE_PROFILE_NAMES:
-        from dupstudio.core import machine_profile
-
-        prof = machine_profile.load_cached()
+        prof = load_cached()
         if prof is None:
             raise DupstudioError("this machine has no measured profile yet: run the machine "
                                  "micro-benchmark (machine_profile.load_or_measure)")
