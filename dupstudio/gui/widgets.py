@@ -33,13 +33,10 @@ ASSUMPTION_LABELS = {"cache": "codes re-read from cache", "measured": "measured 
 
 
 def fmt_bytes(n: float) -> str:
-    if n is None or not math.isfinite(n):
-        return "—"
-    if n >= 1e9:
-        return f"{n / 1e9:,.2f} GB"
-    if n >= 1e5:
-        return f"{n / 1e6:,.1f} MB"
-    return f"{n / 1e3:,.1f} KB"
+    """Sizes as everywhere else in dupstudio (one unit convention: decimal)."""
+    from dupstudio.core.units import human_bytes
+
+    return human_bytes(n)
 
 
 def fmt_params(n: int) -> str:
@@ -407,7 +404,7 @@ def install_copy(view, on_copy=None):
 
 # --------------------------------------------------------------------------- an absolute error scale
 ERROR_CMAP = "viridis"
-NICE_TOPS = (0.5, 1, 2, 5, 10, 20, 30, 50, 100, 200)
+NICE_TOPS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 150, 200)
 
 
 def error_scale_top(max_pct: float) -> float:

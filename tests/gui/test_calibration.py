@@ -187,3 +187,22 @@ def test_codes_and_end_to_end_steps_come_from_the_presets(make_window, tiny_mode
     cal.codes.setCurrentIndex(0)
     s = cal.settings()
     assert s.e2e_steps == 3 and s.codes == codes[0]
+
+
+def test_loss_curve_block_ticks_never_overlap(window, qtbot, tiny_text_file):
+    import numpy as np
+
+    cal = _setup(window, tiny_text_file, steps=3)
+    with qtbot.waitSignal(cal.finished, timeout=TIMEOUT_MS):
+        cal.start()
+    cal.loss_plot.resize(300, 200)
+    qtbot.wait(50)
+    cal._block_ticks()
+    ax = cal.loss_plot.getPlotItem().getAxis("bottom")
+    ticks = ax._tickLevels[0] if ax._tickLevels else []
+    vb = cal.loss_plot.getPlotItem().getViewBox()
+    (x0, x1), _ = vb.viewRange()
+    px = vb.width() / (x1 - x0)
+    xs = [x for x, _label in ticks]
+    assert ticks and all(label.isdigit() for _x, label in ticks)
+    assert all(d * px >= 30 for d in np.diff(xs))

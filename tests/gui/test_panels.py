@@ -209,7 +209,9 @@ def test_heat_map_is_absolute_reads_out_and_hatches_pending_blocks(window, qtbot
     assert np.isfinite(data).all() and not d.heat_pending
     # an absolute scale from 0 %: its top is a round value above the largest error
     lo, hi = d.heat_bar.levels()
-    assert lo == 0 and hi == d.heat_top >= data.max() and hi in (0.5, 1, 2, 5, 10, 20, 30, 50, 100, 200)
+    from dupstudio.gui.widgets import NICE_TOPS
+
+    assert lo == 0 and hi == d.heat_top >= data.max() and hi in NICE_TOPS
     assert f"0 – {hi:g} %" in d.heat_bar.getAxis("left").labelText
     # the lowest error is not drawn black: its colour is the scale's colour at value / top
     img = d.heat.image

@@ -208,10 +208,13 @@ class CalibrationPanel(QWidget):
         lay.addWidget(self.bar)
 
         plots = QHBoxLayout()
-        self.loss_plot = make_plot("Training loss (block-output MSE per Adam step)", "Adam steps, by block",
-                                   "loss", log_y=True)
+        self.loss_plot = make_plot("Training loss (block-output MSE per Adam step)",
+                                   "block (its Adam steps from left to right)", "loss", log_y=True)
         self.loss_curve = pg.PlotDataItem([], [], pen=pg.mkPen("#1f77b4", width=1.5), connect="finite")
         self.loss_plot.addItem(self.loss_curve)
+        vb = self.loss_plot.getPlotItem().getViewBox()
+        vb.sigRangeChanged.connect(lambda *_a: self._block_ticks())
+        vb.sigResized.connect(lambda *_a: self._block_ticks())
         self.block_plot = make_plot("Each block's loss before and after calibration", "block",
                                     "block-output loss", log_y=True, legend=True)
         plots.addWidget(self.loss_plot, 3)
@@ -334,7 +337,7 @@ class CalibrationPanel(QWidget):
         held = est["float_model_bytes"]  # the open model is already in memory
         self.will_stream = S.pick_stream(est["in_memory_bytes"], avail, resident=held)
         self.memory_estimate = dict(est, available_bytes=avail, stream=self.will_stream)
-        h = S.human_bytes
+        from dupstudio.core.units import human_bytes as h
         path = "<b>streamed</b> (one block at a time)" if self.will_stream else "<b>in memory</b>"
         self.memory.setText(
             f"Peak memory (estimate): in memory {h(est['in_memory_bytes'])} · streamed "
@@ -479,13 +482,29 @@ class CalibrationPanel(QWidget):
             x = np.insert(x, cut, np.nan)
             y = np.insert(y, cut, np.nan)
         self.loss_curve.setData(x, y)
+        self._block_ticks()
+
+    def _block_ticks(self) -> None:
+        """A tick at the middle of each block's steps, named by the block number; ticks closer
+        than 30 pixels to the previous one are left out (labels never overlap)."""
+        if getattr(self, "_settings", None) is None:
+            return
         starts = sorted(set(self._boundaries))
         steps = max(self._settings.steps, 1)
-        ax = self.loss_plot.getPlotItem().getAxis("bottom")
-        if 0 < len(starts) <= 16:  # a tick where each block's steps start, named by the block
-            ax.setTicks([[(b, f"block {int(b // steps)}") for b in starts], []])
-        else:
+        pi = self.loss_plot.getPlotItem()
+        ax = pi.getAxis("bottom")
+        if not starts:
             ax.setTicks(None)
+            return
+        (x0, x1), _ = pi.getViewBox().viewRange()
+        px = max(pi.getViewBox().width(), 1.0) / max(x1 - x0, 1e-9)
+        ticks, last = [], -1e9
+        for b in starts:
+            c = b + steps / 2
+            if (c - last) * px >= 30:
+                ticks.append((c, str(int(b // steps))))
+                last = c
+        ax.setTicks([ticks, []])
 
     def _finish(self) -> None:
         self._redraw.stop()
