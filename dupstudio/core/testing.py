@@ -88,10 +88,13 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, layers: int = 3, hidden:
 
 
 def make_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int = 0, layers: int = 3,
-                    hidden: int = 256, intermediate: int = 512, tied=None) -> Path:
+                    hidden=None, intermediate: int = 512, tied=None) -> Path:
     """Write a random-initialised ``model_type`` model (mlx-lm folder: config.json,
     model.safetensors and a real BPE tokenizer) to ``path``, built from mlx-lm's own model
-    class of that architecture."""
+    class of that architecture. ``hidden`` None: 256, but 320 for Gemma 3, whose embedding
+    scale √hidden then is not a power of two (so its bfloat16 rounding matters)."""
+    if hidden is None:
+        hidden = 320 if model_type == "gemma3_text" else 256
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
