@@ -111,7 +111,8 @@ def main() -> int:
     from dupstudio.core.calibrate import settings_from
     from dupstudio.core.model_io import dupstudio_home, model_shape
     from dupstudio.core.streaming import (available_memory, estimate_calibration_memory,
-                                          estimate_peak_memory, human_bytes)
+                                          estimate_peak_memory)
+    from dupstudio.core.units import human_bytes
     from dupstudio.core.synthetic import write_synthetic_llama
     from dupstudio.core.testing import tiny_text
 

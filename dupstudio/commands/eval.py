@@ -61,8 +61,8 @@ def _run(args, dist) -> int:
     from dupstudio.core.jobs import DupstudioError
     from dupstudio.core.model_io import model_shape
     from dupstudio.core.replicate import accounting, build
-    from dupstudio.core.streaming import (available_memory, estimate_peak_memory,
-                                          evaluate_streamed, human_bytes)
+    from dupstudio.core.streaming import available_memory, estimate_peak_memory, evaluate_streamed
+    from dupstudio.core.units import human_bytes
 
     check_ranges(args, windows=(1, None, "the number of evaluation windows"),
                  ctx=(2, None, "a window needs a token and the one that follows it"),

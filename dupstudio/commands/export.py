@@ -40,7 +40,8 @@ def _stored_ppl(cfg):
 
 def run(args) -> int:
     from dupstudio.commands._common import load_config_and_model
-    from dupstudio.commands.info import StderrProgress, human_bytes
+    from dupstudio.commands.info import StderrProgress
+    from dupstudio.core.units import human_bytes
     from dupstudio.core.export import export_model
 
     cfg, loaded = load_config_and_model(args.config, args.model)

@@ -5,6 +5,8 @@ import json
 import sys
 from typing import Optional
 
+from dupstudio.core.units import human_bytes
+
 HELP_MODEL = ("model folder (mlx-lm / Hugging Face), .gguf file or hub id; "
               "default: the bundled SmolLM2-135M-Instruct (converted once, then cached)")
 
@@ -53,14 +55,6 @@ class StderrProgress:
             self.stream.write("\n")
             self.stream.flush()
             self._open_line = False
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} GB"  # pragma: no cover
 
 
 def human_params(n: int) -> str:

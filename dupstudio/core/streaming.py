@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from dupstudio.core.units import human_bytes
 from dupstudio.core.jobs import CancelToken, DupstudioError, ProgressFn, ensure
 
 
@@ -224,14 +225,6 @@ def memory_line(in_memory_bytes: int, streamed_bytes: int, available: int, strea
     return (f"memory estimate: in memory {human_bytes(in_memory_bytes)}, streamed "
             f"{human_bytes(streamed_bytes)}; available {human_bytes(available)} -> "
             f"{'streamed' if stream else 'in memory'}")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 # --------------------------------------------------------------------------- activations

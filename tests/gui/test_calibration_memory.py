@@ -18,6 +18,7 @@ def _panel(window, text):
 def test_memory_label_shows_both_estimates_and_picks_the_path(window, qtbot, tiny_text_file,
                                                               monkeypatch, tmp_path):
     from dupstudio.core import streaming as S
+    from dupstudio.core.units import human_bytes
 
     p = window.project
     ev = window.evaluation
@@ -33,8 +34,8 @@ def test_memory_label_shows_both_estimates_and_picks_the_path(window, qtbot, tin
     # (a run always checkpoints its finished blocks, so that a cancel can keep them)
     est = S.estimate_calibration_memory(p.loaded.config, p.config, 4, 32, s, checkpoint=True)
     text = cal.memory.text()
-    assert f"in memory {S.human_bytes(est['in_memory_bytes'])}" in text
-    assert f"streamed {S.human_bytes(est['streamed_bytes'])}" in text
+    assert f"in memory {human_bytes(est['in_memory_bytes'])}" in text
+    assert f"streamed {human_bytes(est['streamed_bytes'])}" in text
     assert est["streamed_bytes"] < est["in_memory_bytes"]
     assert text.endswith("<b>in memory</b>") and cal.will_stream is False
     assert cal.memory_estimate["in_memory_bytes"] == est["in_memory_bytes"]
@@ -50,7 +51,7 @@ def test_memory_label_shows_both_estimates_and_picks_the_path(window, qtbot, tin
     monkeypatch.setattr(S, "available_memory", lambda: 1000)
     cal.seqs.setValue(5)  # any settings change refreshes the label
     assert cal.will_stream is True
-    assert "streamed</b>" in cal.memory.text() and "available 1000 B" in cal.memory.text()
+    assert "streamed</b>" in cal.memory.text() and "available 1.0 KB" in cal.memory.text()
     window.tabs.setCurrentWidget(cal)
     cal.grab().save(str(tmp_path / "calibration-memory.png"))
     with qtbot.waitSignal(cal.finished, timeout=TIMEOUT_MS) as sig:
