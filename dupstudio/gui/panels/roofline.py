@@ -73,6 +73,11 @@ HW_SYMBOL = {"profile": "o", "machine": "t"}
 HW_GLYPH = {"profile": "o", "machine": "t"}
 
 
+def measured_color() -> str:
+    """The measured markers: near-black on a light background, near-white on a dark one."""
+    return "#dddddd" if theme.is_dark() else MEASURED_COLOR
+
+
 def machine_profile_available() -> bool:
     import importlib.util
 
@@ -455,7 +460,7 @@ class RooflinePanel(QWidget):
                         pts.append((e.intensity, e.flops / (ms * 1e-3)))
                 if pts:
                     pi.addItem(pg.PlotDataItem([p_[0] for p_ in pts], [p_[1] for p_ in pts], pen=None, symbol="d",
-                                               symbolSize=13, symbolPen=pg.mkPen(MEASURED_COLOR, width=1.5),
+                                               symbolSize=13, symbolPen=pg.mkPen(measured_color(), width=1.5),
                                                symbolBrush=pg.mkBrush(255, 255, 255, 0)))
                     ys += [p_[1] for p_ in pts]
         legend += [("o", ASSUMPTION_COLORS[a], ASSUMPTION_LABELS[a]) for a in ASSUMPTIONS]
@@ -463,7 +468,7 @@ class RooflinePanel(QWidget):
             legend += [(HW_GLYPH["profile"], theme.muted(), f"decode on {hardware_name(sets[0][1], True)}"),
                        (HW_GLYPH["machine"], theme.muted(), "decode on this machine")]
         if meas:
-            legend.append(("d_hollow", MEASURED_COLOR if not theme.is_dark() else "#dddddd",
+            legend.append(("d_hollow", measured_color(),
                            "decode measured here (FLOP / measured time)"))
         set_legend(self.roof_plot, legend)
         if both:
@@ -515,7 +520,7 @@ class RooflinePanel(QWidget):
                     self.latency_points.append((x, v, f"{GROUP_LABELS[g]} · measured on this machine: "
                                                       f"{fmt_ms(v)} per token"))
             if xs:
-                color = MEASURED_COLOR if not theme.is_dark() else "#dddddd"
+                color = measured_color()
                 pi.addItem(pg.PlotDataItem(xs, ys, pen=None, symbol="d", symbolSize=13,
                                            symbolPen=pg.mkPen(color, width=1.5), symbolBrush=pg.mkBrush(color)))
         legend = [("o", ASSUMPTION_COLORS[a], f"predicted, {ASSUMPTION_LABELS[a]}") for a in ASSUMPTIONS]
@@ -523,7 +528,7 @@ class RooflinePanel(QWidget):
             legend += [(HW_GLYPH["profile"], theme.muted(), f"on {hardware_name(sets[0][1], True)}"),
                        (HW_GLYPH["machine"], theme.muted(), "on this machine")]
         if meas:
-            legend.append(("d", MEASURED_COLOR if not theme.is_dark() else "#dddddd", "measured on this machine"))
+            legend.append(("d", measured_color(), "measured on this machine"))
         set_legend(self.lat_plot, legend)
         if sets:
             pi.setTitle("Decode latency per token: " + (
