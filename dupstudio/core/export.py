@@ -17,8 +17,12 @@ Two layouts, chosen from the configuration:
   per block (``model.layers.{k}.codes.{matrix}``); each replica's scales, biases and norm
   weights under ``model.layers.{k}.replicas.{i}....``; gains and β in config.json's
   ``dupstudio`` section. The model's ``sanitize`` points all replicas at the same code
-  array object. The model file subclasses mlx-lm's llama, so this layout is for llama and
-  mistral models only (others are refused, naming the model type).
+  array object. llama and mistral models get ``dupstudio_llama.py`` (a subclass of mlx-lm's
+  llama); every other architecture (and a llama with sliding-window layers) gets
+  ``dupstudio_model.py`` (:mod:`dupstudio.core.export_model_template_any`), which builds mlx-lm's
+  own model of the architecture and copies its blocks; config.json's ``dupstudio`` section then
+  also names the mlx-lm module, the matrices' places, the embedding scale and each block's
+  sliding window.
 
 β ≠ 1 on a K = 1 block has no exact fold into a standard llama block: out = h + β·a +
 β·m(h + a) (a: attention residual, m: MLP residual), and scaling o_proj by β would feed the
@@ -53,6 +57,10 @@ from dupstudio.core.safeio import atomic_write_bytes, make_temp_dir, remove_stal
 FORMATS = ("mlx-lm",)
 MODEL_FILE = "dupstudio_llama.py"
 TEMPLATE = Path(__file__).with_name("export_model_template.py")
+#: the model file of replicated blocks of any other architecture (it builds mlx-lm's own model of
+#: the architecture config.json names and copies its blocks; see export_model_template_any)
+MODEL_FILE_ANY = "dupstudio_model.py"
+TEMPLATE_ANY = Path(__file__).with_name("export_model_template_any.py")
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_NAME = "dupstudio-export.json"  # what an export wrote; --overwrite replaces only that
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -68,9 +76,10 @@ _SIDECAR_PATTERNS = (
     re.compile(r"^b(\d+)\.(%s)\.codes$" % "|".join(adapters.ALL_MATRIX_NAMES)),
     re.compile(r"^b(\d+)\.r(\d+)\.col\.(%s)$" % "|".join(COL_GROUPS)),
 )
-#: architectures whose replicated blocks the exported model file builds (it subclasses
-#: mlx-lm's llama); others export K = 1 configurations only
-REPLICATED_TYPES = ("llama", "mistral")
+#: model types whose replicated blocks go through the llama model file (a subclass of mlx-lm's
+#: llama, unchanged since the first export format); the others (and a llama with sliding-window
+#: layers, which that file does not reproduce) through the generic one
+LLAMA_FILE_TYPES = ("llama", "mistral")
 
 
 # --------------------------------------------------------------------------- planning
@@ -122,16 +131,12 @@ def _plan(loaded: LoadedModel, cfg: Config, fmt: str, dtype: str, require_standa
         raise DupstudioError(f"export: a standard mlx-lm {mt} (no custom code) cannot express this "
                              f"configuration exactly: {reasons[0]}"
                              + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""))
-    if reasons and mt not in REPLICATED_TYPES:
-        raise DupstudioError(f"export: replicated blocks ({reasons[0]}) are exported through a "
-                             f"model file for {', '.join(REPLICATED_TYPES)} only, and this model is "
-                             f"{mt}; export a configuration with K = 1 and β = 1 in every block")
     lt = loaded.config.get("layer_types")
-    if reasons and lt and any(t != "full_attention" for t in lt):
-        raise DupstudioError("export: the model has sliding-window layers, which the replicated "
-                             "model file does not reproduce; refusing an export that would differ")
+    sliding = bool(lt) and any(t != "full_attention" for t in lt)
+    generic = mt not in LLAMA_FILE_TYPES or sliding
     return {"shape": shape, "replicated": bool(reasons), "reasons": reasons, "arch": arch,
-            "model_type": mt}
+            "model_type": mt, "model_file": MODEL_FILE_ANY if generic else MODEL_FILE,
+            "template": TEMPLATE_ANY if generic else TEMPLATE}
 
 
 def _quant_entry(bits: int, group: int) -> dict:
@@ -237,10 +242,24 @@ def _config_json(loaded: LoadedModel, cfg: Config, plan: dict, qmap: dict, dtype
             "quantization": _quant_summary(cfg),
             "bits_per_weight": acc["bits_per_weight"], "passes": acc["passes"]}
     if plan["replicated"]:
-        base["model_file"] = MODEL_FILE
+        base["model_file"] = plan["model_file"]
         info["blocks"] = _block_specs(cfg)
+        if plan["model_file"] == MODEL_FILE_ANY:
+            info.update(_architecture_info(loaded, plan["arch"]))
     base["dupstudio"] = info
     return dict(sorted(base.items()))
+
+
+def _architecture_info(loaded: LoadedModel, arch) -> dict:
+    """What the generic model file repeats of the architecture's model around its blocks: the
+    mlx-lm module, where each quantized matrix sits, the embedding scale and each block's
+    sliding window."""
+    args = loaded.model.args
+    n = len(loaded.model.model.layers)
+    scale = ({"value": float(args.hidden_size) ** 0.5, "dtype": "bfloat16"}
+             if arch.embed_scale else None)
+    return {"base_module": arch.name, "matrices": {m.name: m.path for m in arch.matrices},
+            "embedding_scale": scale, "windows": [arch.block_window(args, k) for k in range(n)]}
 
 
 def _ranges(idx: list) -> str:
@@ -355,8 +374,9 @@ def _readme(loaded: LoadedModel, cfg: Config, plan: dict, acc: dict, dtype: str,
             "",
             "Why: its blocks are replicated — each block runs K passes (serial or parallel, "
             "with per-replica gains and a residual gain) whose replicas share one set of packed "
-            "codes and differ only in their scales, biases and norms. mlx-lm's standard llama "
-            "has no such block, so config.json names a model file, `" + MODEL_FILE + "`, which "
+            f"codes and differ only in their scales, biases and norms. mlx-lm's standard "
+            f"{plan['model_type']} has no such block, so config.json names a model file, `"
+            + plan["model_file"] + "`, which "
             "mlx-lm imports to build the architecture. It is short, depends only on mlx and "
             "mlx-lm, and is worth reading before you trust it. Each replica pass has its own "
             "KV cache.",
@@ -416,7 +436,7 @@ def preview_export(loaded: LoadedModel, cfg: Config, *, fmt: str = "mlx-lm",
                                           indent=2).encode())
     files["README.md"] = len(_readme(loaded, cfg, plan, acc, dtype, wbytes, None, name).encode())
     if plan["replicated"]:
-        files[MODEL_FILE] = TEMPLATE.stat().st_size
+        files[plan["model_file"]] = plan["template"].stat().st_size
     for f in _tokenizer_files(loaded):
         files[f.name] = f.stat().st_size
     return _summary(cfg, plan, acc, files, None, dtype)
@@ -433,7 +453,7 @@ def _summary(cfg: Config, plan: dict, acc: dict, files: dict, path: Optional[Pat
         "dtype": dtype,
         "passes": acc["passes"],
         "format": "mlx-lm",
-        "architecture": f"custom ({MODEL_FILE})" if plan["replicated"] else plan["model_type"],
+        "architecture": f"custom ({plan['model_file']})" if plan["replicated"] else plan["model_type"],
         "trust_remote_code": plan["replicated"],
         "reasons": plan["reasons"],
         "files": dict(files),
@@ -468,7 +488,7 @@ def export_model(loaded: LoadedModel, cfg: Config, out_dir: str | Path, *,
     out_dir = Path(out_dir).expanduser().absolute()
     tok_files = _tokenizer_files(loaded)
     names = [WEIGHTS_FILE, "config.json", "README.md", MANIFEST_NAME] + [f.name for f in tok_files]
-    names += [MODEL_FILE] if plan["replicated"] else []
+    names += [plan["model_file"]] if plan["replicated"] else []
     old = _check_target(out_dir, names, overwrite, [loaded.path, *inputs])
     acc = accounting(cfg, plan["shape"])
     remove_stale(out_dir.parent)
@@ -554,9 +574,9 @@ def _write_text_files(tmp: Path, loaded: LoadedModel, cfg: Config, plan: dict, a
     _, qmap = _layout(loaded, cfg, plan, dtype)
     conf = _config_json(loaded, cfg, plan, qmap, dtype, acc)
     atomic_write_bytes(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
-    copies = ([TEMPLATE] if plan["replicated"] else []) + list(tok_files)
+    copies = ([plan["template"]] if plan["replicated"] else []) + list(tok_files)
     for f in copies:
-        target = tmp / (MODEL_FILE if f == TEMPLATE else f.name)
+        target = tmp / (plan["model_file"] if f == plan["template"] else f.name)
         with user_io(f, "read"):
             data = f.read_bytes()
         atomic_write_bytes(target, data)

@@ -88,11 +88,12 @@ def make_tiny_llama(path: str | Path, *, seed: int = 0, layers: int = 3, hidden:
 
 
 def make_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int = 0, layers: int = 3,
-                    hidden=None, intermediate: int = 512, tied=None) -> Path:
+                    hidden=None, intermediate: int = 512, tied=None, extra=None) -> Path:
     """Write a random-initialised ``model_type`` model (mlx-lm folder: config.json,
     model.safetensors and a real BPE tokenizer) to ``path``, built from mlx-lm's own model
     class of that architecture. ``hidden`` None: 256, but 320 for Gemma 3, whose embedding
-    scale √hidden then is not a power of two (so its bfloat16 rounding matters)."""
+    scale √hidden then is not a power of two (so its bfloat16 rounding matters). ``extra``:
+    config.json entries to add (e.g. llama's ``layer_types`` and ``sliding_window``)."""
     if hidden is None:
         hidden = 320 if model_type == "gemma3_text" else 256
     import mlx.core as mx
@@ -109,6 +110,7 @@ def make_tiny_model(path: str | Path, model_type: str = "llama", *, seed: int = 
     else:
         cfg = tiny_arch_config(model_type, vocab, hidden=hidden, layers=layers,
                                intermediate=intermediate, tied=tied)
+    cfg.update(extra or {})
     model_class, args_class = _get_classes(cfg)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(cfg))

@@ -8,6 +8,9 @@ export. The tiny Gemma 3 slides an 8-token window on every other layer, shorter 
 so windowed masks and rotating caches are exercised.
 """
 import json
+import subprocess
+import sys
+import textwrap
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -227,16 +230,115 @@ def test_export_reloads_in_mlx_lm(loaded, calibrated, tokens, tmp_path, t):
     assert np.abs(np.array(model(tokens)) - ours).max() <= 1e-5
 
 
-@pytest.mark.parametrize("t", [t for t in TYPES if t not in ("llama", "mistral")])
-def test_replicated_export_is_refused_naming_the_type(loaded, tmp_path, t):
-    from dupstudio.core.export import export_model, preview_export
+LOADER = textwrap.dedent(r'''
+    import json, sys
+    spec = json.load(open(sys.argv[1]))
+    sys.path.extend(spec["site_packages"])  # run with -I -S: no .pth files, so no editable dupstudio
+    import numpy as np
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+    res = {}
+    try:
+        import dupstudio  # noqa: F401
+        res["dupstudio_importable"] = True
+    except ImportError:
+        res["dupstudio_importable"] = False
+    tokens = mx.array(np.load(spec["tokens"]))
+    for name, d in spec["exports"].items():
+        r = res[name] = {}
+        model, _ = load(d["path"], trust_remote_code=True)
+        logits = model(tokens)
+        np.save(d["logits"], np.array(logits))
+        cache = make_prompt_cache(model)
+        outs = [model(tokens[:, :10], cache=cache)]
+        for t in range(10, tokens.shape[1]):
+            outs.append(model(tokens[:, t:t + 1], cache=cache))
+        inc = np.array(mx.concatenate(outs, axis=1))
+        r["incremental_max_err"] = float(np.abs(inc - np.array(logits)).max())
+        r["caches"] = [type(c).__name__ for c in cache]
+        paths = json.load(open(d["path"] + "/config.json"))["dupstudio"]["matrices"].values()
+        def get(m, p):
+            for part in p.split("."):
+                m = getattr(m, part)
+            return m
+        r["shared"] = all(get(b.replicas[0], p).weight is get(rep, p).weight
+                          for b in model.model.layers for rep in b.replicas for p in paths)
+    json.dump(res, open(spec["out"], "w"))
+''')
 
-    lm = loaded[t]
-    cfg = C.new_config(model_shape(lm.config), bits=2, group_size=32, replicas=2)
-    for f in (lambda: preview_export(lm, cfg), lambda: export_model(lm, cfg, tmp_path / "x")):
-        with pytest.raises(DupstudioError, match=f"this model is {t}.*K = 1"):
-            f()
-    assert not (tmp_path / "x").exists()
+
+def _site_packages() -> list:
+    """The folders holding mlx, mlx_lm and their dependencies, without the repository (the fresh
+    interpreter runs with -I -S, so an editable install of dupstudio is not active there)."""
+    import importlib.util
+    from pathlib import Path
+
+    dirs = []
+    for mod in ("mlx.core", "mlx_lm", "numpy", "transformers"):
+        d = str(Path(importlib.util.find_spec(mod).origin).parents[1])
+        if d not in dirs:
+            dirs.append(d)
+    return dirs
+
+
+REPLICATED = [t for t in TYPES if t not in ("llama", "mistral")] + ["llama-sliding"]
+
+
+@pytest.fixture(scope="module")
+def replicated_exports(dirs, loaded, cal_tokens, tokens, tmp_path_factory):
+    """Per type: a calibrated configuration with serial and parallel replicas and a residual
+    gain, exported (float32) through the generic model file, and what a fresh interpreter that
+    can import only mlx and mlx-lm makes of it."""
+    from dupstudio.core.calibrate import calibrate
+    from dupstudio.core.export import MODEL_FILE_ANY, export_model
+
+    root = tmp_path_factory.mktemp("replicated")
+    lms = dict(loaded)
+    lms["llama-sliding"] = open_model(make_tiny_model(
+        root / "llama-sliding", "llama",
+        extra={"layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+               "sliding_window": 8}))
+    spec = {"site_packages": _site_packages(), "tokens": str(root / "tokens.npy"),
+            "out": str(root / "out.json"), "exports": {}}
+    np.save(spec["tokens"], np.array(tokens))
+    cases = {}
+    for t in REPLICATED:
+        lm = lms[t]
+        cfg = C.new_config(model_shape(lm.config), bits=2, group_size=32, replicas=2, mode="serial")
+        cfg.blocks[1].set_replicas(2, "parallel")
+        cfg.blocks[2].set_replicas(1)
+        cfg = calibrate(lm, cfg, cal_tokens, _settings(gains=True, residual_gain=True), blocks=[0, 1])
+        cfg.blocks[2].residual_gain = 0.9
+        r = export_model(lm, cfg, root / f"exp-{t}", dtype="float32")
+        assert r["trust_remote_code"] and r["architecture"] == f"custom ({MODEL_FILE_ANY})"
+        cases[t] = (np.array(build(lm, cfg, "deploy")(tokens)), r)
+        spec["exports"][t] = {"path": str(root / f"exp-{t}"), "logits": str(root / f"{t}.npy")}
+    (root / "spec.json").write_text(json.dumps(spec))
+    (root / "loader.py").write_text(LOADER)
+    p = subprocess.run([sys.executable, "-I", "-S", str(root / "loader.py"), str(root / "spec.json")],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((root / "out.json").read_text())
+    return {t: (cases[t], res[t], np.load(spec["exports"][t]["logits"])) for t in REPLICATED}, res
+
+
+@pytest.mark.parametrize("t", REPLICATED)
+def test_replicated_export_loads_with_the_generic_model_file(replicated_exports, t):
+    """Replicated blocks of any architecture: mlx-lm loads the export (trust_remote_code) in an
+    interpreter where dupstudio is not importable, gives dupstudio's deploy logits, decodes
+    incrementally with one cache per pass (rotating for sliding-window blocks) and holds each
+    block's codes once."""
+    exports, res = replicated_exports
+    assert res["dupstudio_importable"] is False
+    (ours, summary), r, theirs = exports[t]
+    assert np.abs(theirs - ours).max() <= 1e-5
+    assert r["incremental_max_err"] < 2e-4
+    assert r["shared"] is True
+    assert len(r["caches"]) == 2 + 2 + 1
+    if t in ("gemma3_text", "llama-sliding"):
+        assert "RotatingKVCache" in r["caches"] and "KVCache" in r["caches"]
+    assert summary["passes"] == 5
 
 
 @pytest.mark.parametrize("t", ["qwen2", "gemma3_text", "phi3"])
