@@ -360,14 +360,14 @@ def placeholder(plot: pg.PlotWidget, text: str) -> pg.TextItem:
 
 
 # --------------------------------------------------------------------------- tables
-def rows_as_tsv(view, rows: Optional[list] = None, header: bool = True) -> str:
+def rows_as_tsv(view, rows: Optional[list] = None, header: bool = True, include_hidden: bool = False) -> str:
     """The selected rows of ``view`` (any QAbstractItemView over a table model; hidden columns
     left out) as tab-separated text with a header line, as spreadsheets paste it."""
     model = view.model()
     if rows is None:
         sm = view.selectionModel()
         rows = sorted({i.row() for i in sm.selectedIndexes()}) if sm else []
-    hidden = getattr(view, "isColumnHidden", lambda c: False)
+    hidden = getattr(view, "isColumnHidden", lambda c: False) if not include_hidden else (lambda c: False)
     cols = [c for c in range(model.columnCount()) if not hidden(c)]
 
     def clean(v) -> str:
@@ -381,13 +381,13 @@ def rows_as_tsv(view, rows: Optional[list] = None, header: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
-def install_copy(view, on_copy=None):
+def install_copy(view, on_copy=None, include_hidden: bool = False):
     """Ctrl+C (the platform's Copy key) on ``view`` copies its selected rows as TSV; returns the
     action (also in the view's context menu)."""
     from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
 
     def copy() -> None:
-        text = rows_as_tsv(view)
+        text = rows_as_tsv(view, include_hidden=include_hidden)
         if text.count("\n") > 1:
             QGuiApplication.clipboard().setText(text)
             if on_copy is not None:

@@ -36,6 +36,8 @@ TABLE_COLUMNS = (("block", "Block", "decoder block"),
                  ("bits_per_weight", "bits/w", "bits per weight of this block at K = 1"),
                  ("bits_per_weight_k2", "bits/w K=2", "bits per weight of this block with the second replica"),
                  ("seconds", "s", "seconds this block took"))
+#: columns the narrow dock leaves out (shown in the block's tooltip; Ctrl+C copies them too)
+DOCK_HIDDEN = ("bits_per_weight", "bits_per_weight_k2", "seconds")
 
 class _NumItem(QTableWidgetItem):
     """A table cell that sorts by its number (Qt.UserRole), NaN last."""
@@ -81,13 +83,17 @@ class SensitivityPanel(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.verticalHeader().setVisible(False)
         hh = self.table.horizontalHeader()
-        hh.setSectionResizeMode(QHeaderView.Stretch)  # every column within the dock's width
-        hh.setSectionResizeMode(0, QHeaderView.ResizeToContents)
-        hh.setMinimumSectionSize(36)
+        hh.setSectionResizeMode(QHeaderView.ResizeToContents)
+        hh.setStretchLastSection(True)
         self.table.verticalHeader().setDefaultSectionSize(22)
+        # the dock is narrow: the KL columns are shown; bits per weight and seconds stay in the
+        # data (hover the block number; the CLI's sensitivity.csv has every column)
+        for c, (key, _, _) in enumerate(TABLE_COLUMNS):
+            if key in DOCK_HIDDEN:
+                self.table.setColumnHidden(c, True)
         self.table.horizontalHeader().setSortIndicator(0, Qt.AscendingOrder)
         self.table.setSortingEnabled(True)
-        install_copy(self.table)
+        install_copy(self.table, include_hidden=True)
         split.addWidget(self.table)
         split.setSizes([320, 200])
         lay.addWidget(split, 1)
@@ -150,6 +156,9 @@ class SensitivityPanel(QWidget):
                     text = fmt_float(None if v is None or not math.isfinite(_num(v)) else _num(v), 3)
                 item = _NumItem(text)
                 item.setData(Qt.UserRole, _num(v))
+                if key == "block":
+                    item.setToolTip(" · ".join(f"{t}: {fmt_float(_num(r.get(k)), 4)}" for k, t, _ in TABLE_COLUMNS
+                                               if k in DOCK_HIDDEN and r.get(k) is not None))
                 item.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
                 self.table.setItem(i, c, item)
         self.table.setSortingEnabled(True)
