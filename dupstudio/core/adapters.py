@@ -126,6 +126,11 @@ class Architecture:
         s = self.sizes(shape)
         return {m.name: (sum(s[sym] for _, sym in m.rows), s[m.cols]) for m in self.matrices}
 
+    def llama_parts(self, name: str) -> tuple:
+        """The llama matrices matrix ``name`` stands for (a fused one: its parts, e.g. phi3's
+        qkv_proj -> q_proj, k_proj, v_proj), for descriptions in llama's terms (the roofline)."""
+        return tuple(f"{part}_proj" for part, _ in self.matrix(name).rows)
+
     def fold_matrix(self, group: str) -> str:
         """The matrix whose rows the column gain of ``group`` ("o" or "down") folds into."""
         part = self.col_parts[group]

@@ -149,15 +149,19 @@ def mlx_lm_plans(model, shape, float_bits: int = 16):
             return int(m.bits), int(m.group_size)
         return int(float_bits), 64
 
+    from dupstudio.core.adapters import of_model
+
     names = RF.BLOCK_LINEARS
+    arch = of_model(model)
     plans = []
     for k, layer in enumerate(model.layers):
         mods = dict(layer.named_modules())
         got = {}
         for path, m in mods.items():
             leaf = path.rsplit(".", 1)[-1]
-            if leaf in names and isinstance(m, (nn.Linear, nn.QuantizedLinear)):
-                got[leaf] = bits_group(m)
+            if leaf in arch.matrix_names and isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+                for part in arch.llama_parts(leaf):  # a fused matrix: each of its parts
+                    got[part] = bits_group(m)
         if set(got) != set(names):
             raise DupstudioError(f"mlx-lm model block {k}: linears {sorted(got)} do not match the llama "
                                  f"shape's {sorted(names)}")

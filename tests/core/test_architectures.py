@@ -438,3 +438,17 @@ def test_row_and_column_gains_fold_exactly(loaded, t):
     change = np.abs(y_ref - y_plain).max()
     assert change > 0.1
     assert np.abs(y_folded - y_ref).max() < 1e-2 * change
+
+
+@pytest.mark.parametrize("t", ["phi3", "gemma3_text"])
+def test_roofline_plans_of_an_mlx_lm_quantized_model(dirs, loaded, t):
+    """The sweep's mlx-lm baselines are described in the roofline's (llama) terms: a fused
+    matrix stands for its parts."""
+    from dupstudio.core.search import mlx_lm_plans
+
+    m = _mlx_lm_model(dirs[t])
+    nn.quantize(m, group_size=32, bits=2, class_predicate=lambda p, mod: "layers" in p and
+                isinstance(mod, nn.Linear))
+    plans, embed, head = mlx_lm_plans(m, model_shape(loaded[t].config))
+    assert [(p.bits, p.group_size, p.matrix_bits) for p in plans] == [(2, 32, None)] * 3
+    assert embed.bits == 16 and (head is None) == (t == "gemma3_text")
