@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dupstudio.core.model_io import MATRIX_NAMES
 
 
 class BuildCache:
@@ -103,7 +102,7 @@ def block_metrics_job(loaded, cfg, blocks: list, revisions: dict):
             per_matrix = {}
             sse = [0.0] * len(bt.scales)
             wsq = 0.0
-            for m in MATRIX_NAMES:
+            for m in lin[k]:  # the architecture's matrices (phi3: fused ones)
                 w = lin[k][m].astype(mx.float32)
                 reps = []
                 for i in range(len(bt.scales)):

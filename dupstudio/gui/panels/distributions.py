@@ -63,7 +63,7 @@ class DistributionsPanel(QWidget):
         bar.addWidget(self.block)
         bar.addWidget(QLabel("Matrix"))
         self.matrix = QComboBox()
-        self.matrix.addItems(list(MATRIX_NAMES))
+        self.matrix.addItems(list(self._names()))
         bar.addWidget(self.matrix)
         bar.addSpacing(12)
         bar.addWidget(QLabel("Strategy"))
@@ -176,11 +176,23 @@ class DistributionsPanel(QWidget):
         self.strategy.setCurrentIndex(max(i, 0))
         self.strategy.blockSignals(False)
 
+    def _names(self) -> tuple:
+        """The matrix list of the open model's architecture (phi3's fused matrices are four)."""
+        from dupstudio.core.adapters import of_shape
+
+        return of_shape(self.project.shape).matrix_names if self.project.shape else MATRIX_NAMES
+
     def _config_replaced(self) -> None:
         n = self.project.num_blocks
         self.block.blockSignals(True)
         self.block.setRange(0, max(n - 1, 0))
         self.block.blockSignals(False)
+        names = list(self._names())
+        if [self.matrix.itemText(i) for i in range(self.matrix.count())] != names:
+            self.matrix.blockSignals(True)
+            self.matrix.clear()
+            self.matrix.addItems(names)
+            self.matrix.blockSignals(False)
         self._fill_strategies()
         self.update_heatmap()
         self.schedule()
@@ -201,7 +213,7 @@ class DistributionsPanel(QWidget):
             self.matrix.setCurrentText(matrix)
 
     def _heat_clicked(self, x: int, y: int) -> None:
-        if 0 <= x < len(MATRIX_NAMES) and 0 <= y < self.project.num_blocks:
+        if 0 <= x < len(self._names()) and 0 <= y < self.project.num_blocks:
             self.block.setValue(y)
             self.matrix.setCurrentIndex(x)
 
@@ -356,11 +368,11 @@ class DistributionsPanel(QWidget):
         n = p.num_blocks
         if n == 0:
             return
-        data = np.full((len(MATRIX_NAMES), n), np.nan)
+        data = np.full((len(self._names()), n), np.nan)
         for k in range(n):
             m = p.metrics_for(k)
             if m:
-                for j, name in enumerate(MATRIX_NAMES):
+                for j, name in enumerate(self._names()):
                     data[j, k] = 100 * m["matrices"][name][0]["rel_fro"]
         self.heat_data = data
         finite = data[np.isfinite(data)]
@@ -382,15 +394,15 @@ class DistributionsPanel(QWidget):
         cols = np.where(pending.any(axis=0))[0]
         hatch = QBrush(QColor(theme.colors()["axis"]), Qt.BDiagPattern)
         for k in cols:  # a pending block is pending for every matrix: one hatched band per block
-            rect = QGraphicsRectItem(0, float(k), float(len(MATRIX_NAMES)), 1.0)
+            rect = QGraphicsRectItem(0, float(k), float(len(self._names())), 1.0)
             rect.setBrush(hatch)
             rect.setPen(QPen(Qt.NoPen))
             pi.addItem(rect)
             self.heat_pending.append(rect)
-        pi.getAxis("bottom").setTicks([[(j + 0.5, name.replace("_proj", "")) for j, name in enumerate(MATRIX_NAMES)]])
+        pi.getAxis("bottom").setTicks([[(j + 0.5, name.replace("_proj", "")) for j, name in enumerate(self._names())]])
         step = max(1, int(math.ceil(n / 15)))
         pi.getAxis("left").setTicks([[(k + 0.5, str(k)) for k in range(0, n, step)]])
-        pi.getViewBox().setRange(xRange=(0, len(MATRIX_NAMES)), yRange=(0, n), padding=0)
+        pi.getViewBox().setRange(xRange=(0, len(self._names())), yRange=(0, n), padding=0)
         missing = len(cols)
         pi.setTitle("Relative weight error per block and matrix (primary replica)"
                     + (f" · {missing} block{'s' if missing != 1 else ''} still computing (hatched)" if missing else ""),
@@ -399,14 +411,14 @@ class DistributionsPanel(QWidget):
 
     def heat_text(self, x: int, y: int) -> str:
         """The read-out of cell (matrix x, block y)."""
-        if self.heat_data is None or not (0 <= x < len(MATRIX_NAMES) and 0 <= y < self.heat_data.shape[1]):
+        if self.heat_data is None or not (0 <= x < len(self._names()) and 0 <= y < self.heat_data.shape[1]):
             return ""
         v = self.heat_data[x, y]
-        what = f"block {y} · {MATRIX_NAMES[x]}"
+        what = f"block {y} · {self._names()[x]}"
         if not math.isfinite(v):
             return f"{what}: still being computed"
         m = self.project.metrics_for(y)
-        sq = m["matrices"][MATRIX_NAMES[x]][0]["sqnr_db"] if m else None
+        sq = m["matrices"][self._names()[x]][0]["sqnr_db"] if m else None
         return f"{what}: relative error {v:.2f} %" + (f", SQNR {sq:.1f} dB" if sq is not None else "") + \
             " (click to show it above)"
 

@@ -24,7 +24,6 @@ from PySide6.QtWidgets import (
 
 from dupstudio.core import config as C
 from dupstudio.core.jobs import DupstudioError
-from dupstudio.core.model_io import MATRIX_NAMES
 from dupstudio.gui import theme
 from dupstudio.gui.project import EDIT_FIELDS, FIELD_LABELS, Project, common_group_sizes
 from dupstudio.gui.strategies import add_tooltips, describe
@@ -309,7 +308,7 @@ class LayerTableModel(QAbstractTableModel):
             for i, r in enumerate(m["replicas"]):
                 lines.append(f"replica {i + 1}: {100 * r['rel_fro']:.2f} %, {r['sqnr_db']:.2f} dB")
             lines.append("")
-            for name in MATRIX_NAMES:
+            for name in m["matrices"]:  # the architecture's matrices, in its order
                 r = m["matrices"][name][0]
                 lines.append(f"{name}: {100 * r['rel_fro']:.2f} %, {r['sqnr_db']:.2f} dB")
             return "\n".join(lines)
