@@ -254,8 +254,10 @@ def of_config(config: dict) -> Architecture:
 
 
 def of_shape(shape: dict) -> Architecture:
-    """The architecture of a ``model_io.model_shape`` dict (llama when it does not say)."""
-    return for_model_type(shape.get("architecture") or "llama")
+    """The architecture of a ``model_io.model_shape`` dict, for its matrix list and shapes:
+    llama's when it does not say or names a type dupstudio does not open (a shape described
+    from any config.json, as the roofline does, is read in llama's terms)."""
+    return _BY_TYPE.get(shape.get("architecture") or "llama", LLAMA)
 
 
 def of_args(args) -> Architecture:

@@ -25,12 +25,18 @@ from dupstudio.core.replicate import block_tensors, build
 from dupstudio.core.testing import TINY_TYPES, make_tiny_model, tiny_text
 
 TYPES = list(TINY_TYPES)
+#: a llama whose config.json marks sliding-window layers (mlx-lm's llama then masks them)
+SLIDING = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+           "sliding_window": 8}
+WITH_SLIDING = TYPES + ["llama-sliding"]
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("arch")
-    return {t: make_tiny_model(base / t, t) for t in TYPES}
+    out = {t: make_tiny_model(base / t, t) for t in TYPES}
+    out["llama-sliding"] = make_tiny_model(base / "llama-sliding", "llama", extra=SLIDING)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ def test_opens_with_its_matrix_list(loaded, t):
     json.dumps(d)
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", WITH_SLIDING)
 def test_full_precision_build_equals_mlx_lm(loaded, tokens, t):
     """dupstudio's model (DupModel: embedding with its scale, per-window masks, final norm, head)
     around the float blocks gives mlx-lm's own logits."""
@@ -111,9 +117,11 @@ def test_full_precision_build_equals_mlx_lm(loaded, tokens, t):
     ours = np.array(hybrid_model(lm, cfg, [])(tokens))
     ref = np.array(lm.model(tokens))
     assert np.abs(ours - ref).max() <= 1e-5
+    if t in ("gemma3_text", "llama-sliding"):  # block 0 slides a window shorter than the input
+        assert not isinstance(adapters.of_model(lm.model).causal_mask(lm.model.args, 0, 24), str)
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", WITH_SLIDING)
 def test_k1_equals_mlx_lm_quantization(dirs, loaded, tokens, t):
     """K = 1 deploy (minmax) is mlx-lm's model quantized by nn.quantize (scales and biases held
     in float16, as dupstudio stores them), bit for bit; simulate is mlx-lm's model holding the
@@ -160,7 +168,7 @@ def test_k2_replicas_run(loaded, tokens, t, mode):
         assert np.array_equal(np.array(build(lm, cfg, "deploy")(tokens)), np.array(k1))
 
 
-@pytest.mark.parametrize("t", TYPES)
+@pytest.mark.parametrize("t", WITH_SLIDING)
 def test_incremental_decoding_matches_full_forward(loaded, tokens, t):
     """One cache per replica pass (rotating for Gemma's sliding layers): prefill 10 tokens, then
     one at a time, as mlx-lm's generate does."""
@@ -294,11 +302,7 @@ def replicated_exports(dirs, loaded, cal_tokens, tokens, tmp_path_factory):
     from dupstudio.core.export import MODEL_FILE_ANY, export_model
 
     root = tmp_path_factory.mktemp("replicated")
-    lms = dict(loaded)
-    lms["llama-sliding"] = open_model(make_tiny_model(
-        root / "llama-sliding", "llama",
-        extra={"layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-               "sliding_window": 8}))
+    lms = loaded
     spec = {"site_packages": _site_packages(), "tokens": str(root / "tokens.npy"),
             "out": str(root / "out.json"), "exports": {}}
     np.save(spec["tokens"], np.array(tokens))
