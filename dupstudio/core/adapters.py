@@ -26,7 +26,6 @@ Every refusal of an architecture lists :data:`SUPPORTED_MODEL_TYPES`.
 from __future__ import annotations
 
 import copy
-import importlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -204,9 +203,6 @@ class Architecture:
         import mlx.core as mx
 
         return h * mx.array(args.hidden_size ** 0.5, mx.bfloat16).astype(h.dtype)
-
-    def import_module(self):
-        return importlib.import_module(self.module)
 
 
 ARCHITECTURES = (
