@@ -589,7 +589,7 @@ class LayersPanel(QWidget):
         self.view.verticalHeader().setDefaultSectionSize(24)
         hh = self.view.horizontalHeader()
         hh.setSectionResizeMode(QHeaderView.Interactive)
-        hh.setSectionResizeMode(COL["gains"], QHeaderView.Stretch)
+        hh.setStretchLastSection(True)  # spare width to the last column; a narrow window scrolls instead
         widths = {"block": 48, "params": 86, "bpw": 90, "rel": 94, "sqnr": 76, "replicas": 40, "mode": 70,
                   "bits": 44, "group_size": 52, "strategy": 86, "init": 92, "granularity": 86, "gains": 110,
                   "residual_gain": 48, "loss_before": 90, "loss_after": 120}

@@ -28,10 +28,10 @@ from dupstudio.gui.widgets import JobBar, fmt_float, fmt_seconds, install_copy
 from dupstudio.plots import SensitivityPlot, _num
 
 TABLE_COLUMNS = (("block", "Block", "decoder block"),
-                 ("kl_quantized", "KL quantized", "KL from full precision with only this block quantized "
-                                                  "(round to nearest)"),
-                 ("kl_k1", "KL K=1 cal.", "the same with this block calibrated (K = 1)"),
-                 ("kl_k2", "KL K=2 cal.", "the same with a second, calibrated replica of this block"),
+                 ("kl_quantized", "KL", "KL from full precision with only this block quantized "
+                                        "(round to nearest)"),
+                 ("kl_k1", "KL, K=1", "the same with this block calibrated (K = 1)"),
+                 ("kl_k2", "KL, K=2", "the same with a second, calibrated replica of this block"),
                  ("kl_gain", "Gain", "KL removed by the second replica: KL K=1 − KL K=2"),
                  ("bits_per_weight", "bits/w", "bits per weight of this block at K = 1"),
                  ("bits_per_weight_k2", "bits/w K=2", "bits per weight of this block with the second replica"),
