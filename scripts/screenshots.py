@@ -1,19 +1,25 @@
-"""Render every tab of the main window offscreen into ``resources/screenshots/<tab>.png``.
+"""Screenshots of every tab of the main window, on a real X server, at one or more window sizes.
 
-    python scripts/screenshots.py [--model PATH] [--out resources/screenshots] [--size 1400x900]
+    python scripts/screenshots.py                       # Xvfb, 1280x760 and 1600x1000 -> docs/screenshots/
+    python scripts/screenshots.py --sizes 1280x760 --tabs roofline,layers
+    python scripts/screenshots.py --no-xvfb --sizes 1400x900   # the current display (or offscreen)
 
-Default model: the default model (SmolLM2-135M, ``open_model(None)``). The script drives the
-window as a user would: replicates a few blocks, calibrates (fast, few tokens), evaluates the
-float model and the configuration on a few windows, generates side by side, measures decode
-latency, runs Tools ▸ Sensitivity… (few tokens), then grabs each tab (and the sensitivity dock)
-with ``QWidget.grab()`` (Qt's offscreen platform; no display needed; pyqtgraph's SVG export is
-broken on recent PySide6, so PNG). Settings go to a temporary file,
-never the user's. On Linux run it with OpenBLAS preloaded (as `make` does) for speed.
+For each size the script starts its own Xvfb screen of exactly that size (``xvfb-run``; Debian:
+``apt-get install xvfb xauth``), places the window over the whole screen, and drives it as a user
+would: opens the default model (SmolLM2-135M), gives a few blocks a second replica, calibrates the
+selected ones (fast preset, few tokens), evaluates the float model and the configuration, generates
+side by side, measures this machine for the roofline, runs Tools ▸ Sensitivity… on a few blocks,
+opens the History dock and Help ▸ User guide, and grabs each view with ``QWidget.grab()`` into
+``<out>/<W>x<H>/<view>.png`` (palette-reduced PNGs when ImageMagick's ``convert`` is installed),
+and a few views again in the dark palette into ``<out>/<W>x<H>-dark/``.
+Settings go to a temporary file, never the user's. On Linux, preload OpenBLAS as ``make`` does.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+VIEWS = ("model", "layers", "distributions", "calibration", "evaluation", "generation", "roofline",
+         "sensitivity", "history", "guide")
 
 
 def _text(candidates) -> str | None:
@@ -30,39 +38,44 @@ def _text(candidates) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model folder / .gguf (default: the default model)")
-    p.add_argument("--out", default=str(REPO / "resources" / "screenshots"))
-    p.add_argument("--size", default="1400x900", help="window size WxH (default 1400x900)")
-    p.add_argument("--calib-text", default=None, help="calibration text (default: resources/calibration, "
-                                                      "else ../shared/data/wikitext2-valid.txt)")
-    p.add_argument("--eval-text", default=None, help="evaluation text (default: ../shared/data/wikitext2-test.txt)")
-    p.add_argument("--tabs", default="all", help="comma-separated tabs (and the sensitivity dock) to grab (default all)")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    args = p.parse_args(argv)
+def _shrink(path: Path) -> None:
+    """A 256-colour palette PNG (a third of the size, indistinguishable for a UI)."""
+    if shutil.which("convert"):
+        tmp = path.with_suffix(".tmp.png")
+        r = subprocess.run(["convert", str(path), "-colors", "256", "-strip", f"PNG8:{tmp}"], capture_output=True)
+        if r.returncode == 0 and tmp.exists() and tmp.stat().st_size < path.stat().st_size:
+            tmp.replace(path)
+        elif tmp.exists():
+            tmp.unlink()
 
-    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    sys.path.insert(0, str(REPO))
+
+def run_one(args, size: str) -> int:
+    """Take the screenshots at one size in this process (on the display Qt finds)."""
     from PySide6.QtCore import QSettings
     from PySide6.QtWidgets import QApplication
 
+    sys.path.insert(0, str(REPO))
+    from dupstudio.gui import theme
     from dupstudio.gui.main_window import TABS, MainWindow
     from dupstudio.gui.panels.calibration import default_calibration_text
 
     app = QApplication.instance() or QApplication(["dupstudio"])
     app.setApplicationName("dupstudio")
+    theme.apply(app)
     tmp = tempfile.mkdtemp(prefix="dupstudio-shots-")
     settings = QSettings(str(Path(tmp) / "settings.ini"), QSettings.IniFormat)
-    w, h = (int(x) for x in args.size.lower().split("x"))
-    win = MainWindow(args.model, settings=settings)
-    win.resize(w, h)
+    w, h = (int(x) for x in size.lower().split("x"))
+    win = MainWindow(args.model, settings=settings, remember_models=False)
+    screen = app.primaryScreen().availableGeometry()
+    win.setGeometry(screen.x(), screen.y(), min(w, screen.width()), min(h, screen.height()))
     win.show()
     deadline = time.monotonic() + args.timeout
-    out = Path(args.out)
+    out = Path(args.out) / (args.subdir or size)
     out.mkdir(parents=True, exist_ok=True)
-    extra = ("sensitivity",)  # docks, not tabs
-    wanted = TABS + extra if args.tabs == "all" else tuple(t.strip() for t in args.tabs.split(","))
+    wanted = VIEWS if args.tabs == "all" else tuple(t.strip() for t in args.tabs.split(","))
+    print(f"{size}: platform {app.platformName()}, screen {screen.width()}x{screen.height()}, "
+          f"window {win.width()}x{win.height()} (minimum {win.minimumSizeHint().width()}x"
+          f"{win.minimumSizeHint().height()})", flush=True)
 
     def pump(cond, what: str, limit: float | None = None) -> None:
         end = min(deadline, time.monotonic() + limit) if limit else deadline
@@ -71,22 +84,23 @@ def main(argv: list[str] | None = None) -> int:
                 raise TimeoutError(f"timed out waiting for {what}")
             app.processEvents()
             time.sleep(0.01)
-        for _ in range(10):
+        for _ in range(20):
             app.processEvents()
             time.sleep(0.01)
+
+    def save(widget, name: str) -> None:
+        path = out / f"{name}.png"
+        if not widget.grab().save(str(path), "PNG"):
+            raise OSError(f"could not write {path}")
+        _shrink(path)
+        print(path, f"{path.stat().st_size // 1024} KB", flush=True)
 
     def grab(tab: str) -> None:
         if tab not in wanted:
             return
         win.tabs.setCurrentIndex(TABS.index(tab))
         pump(lambda: True, "layout")
-        for _ in range(30):
-            app.processEvents()
-            time.sleep(0.01)
-        path = out / f"{tab}.png"
-        if not win.grab().save(str(path), "PNG"):
-            raise OSError(f"could not write {path}")
-        print(path, flush=True)
+        save(win, tab)
 
     try:
         pump(lambda: win.description is not None or win.error_message is not None, "the model")
@@ -104,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         proj.edit_blocks([n // 3], "strategy", "search")
         win.layers.apply_bar.select_rows(reps)
 
-        # calibration
+        # calibration of the selected blocks
         text = args.calib_text or _text([default_calibration_text(), SHARED_DATA / "wikitext2-valid.txt"])
         cal = win.calibration
-        if text:
+        if text and any(v in wanted for v in ("calibration", "layers", "evaluation")):
             cal.text.set_path(text)
             cal.resume.setChecked(False)  # show a real loss curve, not a resumed run
             cal.set_settings(method="adam", preset="fast", steps=12, seqs=4, seq_len=128, batch=4)
+            cal.selected_blocks.setChecked(True)
             done = []
             cal.finished.connect(done.append)
             win.tabs.setCurrentIndex(TABS.index("calibration"))
@@ -121,21 +136,22 @@ def main(argv: list[str] | None = None) -> int:
         win.layers.apply_bar.select_rows(reps)
         grab("layers")
 
-        win.tabs.setCurrentIndex(TABS.index("distributions"))
-        d = win.distributions
-        d.show_block(reps[0], "down_proj")
-        got = []
-        d.detail_ready.connect(got.append)
-        d.schedule()
-        pump(lambda: bool(got) and not d._timer.isActive(), "the distributions")
-        pump(lambda: d.detail is not None and d.detail["block"] == reps[0], "the chosen matrix")
-        grab("distributions")
+        if "distributions" in wanted:
+            win.tabs.setCurrentIndex(TABS.index("distributions"))
+            d = win.distributions
+            d.show_block(reps[0], "down_proj")
+            got = []
+            d.detail_ready.connect(got.append)
+            d.schedule()
+            pump(lambda: bool(got) and not d._timer.isActive(), "the distributions")
+            pump(lambda: d.detail is not None and d.detail["block"] == reps[0], "the chosen matrix")
+            grab("distributions")
         grab("calibration")
 
-        # evaluation: float model, then the configuration
-        etext = args.eval_text or _text([SHARED_DATA / "wikitext2-test.txt", text])
+        # evaluation: float model, then the configuration (on a text that is not the calibration text)
+        etext = args.eval_text or _text([SHARED_DATA / "wikitext2-test.txt"])
         ev = win.evaluation
-        if etext:
+        if etext and "evaluation" in wanted:
             ev.text.set_path(etext)
             ev.windows.setValue(4)
             ev.ctx.setValue(256)
@@ -147,43 +163,56 @@ def main(argv: list[str] | None = None) -> int:
             pump(lambda: len(states) == 2, "the evaluation")
         grab("evaluation")
 
-        g = win.generation
-        g.max_tokens.setValue(40)
-        g.prompt.setPlainText("What is the capital of France?")
-        gen = []
-        g.finished.connect(gen.append)
-        win.tabs.setCurrentIndex(TABS.index("generation"))
-        g.start()
-        pump(lambda: bool(gen), "the generation")
-        grab("generation")
+        if "generation" in wanted:
+            g = win.generation
+            g.max_tokens.setValue(40)
+            g.prompt.setPlainText("What is the capital of France?")
+            gen = []
+            g.finished.connect(gen.append)
+            win.tabs.setCurrentIndex(TABS.index("generation"))
+            g.start()
+            pump(lambda: bool(gen), "the generation")
+            grab("generation")
 
-        r = win.roofline
-        win.tabs.setCurrentIndex(TABS.index("roofline"))
-        meas = []
-        r.measured_ready.connect(meas.append)
-        r.measure()
-        pump(lambda: bool(meas), "the decode measurement")
-        grab("roofline")
+        if "roofline" in wanted:
+            r = win.roofline
+            win.tabs.setCurrentIndex(TABS.index("roofline"))
+            meas = []
+            r.measured_ready.connect(meas.append)
+            if r.machine_prof is None:
+                r.measure_all()  # the micro-benchmark (about half a minute on 2 cores), then decode
+            else:
+                r.measure()
+            pump(lambda: bool(meas), "the measurements")
+            r.set_mode("both")
+            grab("roofline")
 
-        # Tools ▸ Sensitivity… (a dock): every block, few tokens, then "use the result"
+        # Tools ▸ Sensitivity… (a dock): a few blocks, few tokens
         if "sensitivity" in wanted and text:
             from dupstudio.core.calibrate import settings_from
 
             sens = []
             win.sensitivity_finished.connect(sens.append)
-            win.run_sensitivity({"text": text, "blocks": None, "mode": "serial", "with_replica": True,
-                                 "kl_windows": 2, "settings": settings_from("fast", steps=8, seqs=4, seq_len=128,
+            win.run_sensitivity({"text": text, "blocks": f"0-{min(n, 4) - 1}", "mode": "serial", "with_replica": True,
+                                 "kl_windows": 2, "settings": settings_from("fast", steps=6, seqs=4, seq_len=128,
                                                                              batch=4)})
             pump(lambda: bool(sens), "the sensitivity")
             print(f"sensitivity: {sens[0]} — {win.status_text()}", flush=True)
-            dock = win.sensitivity_dock
-            dock.setFloating(True)
-            dock.resize(900, 820)
+            win.tabs.setCurrentIndex(TABS.index("layers"))
             pump(lambda: True, "layout")
-            path = out / "sensitivity.png"
-            if not dock.grab().save(str(path), "PNG"):
-                raise OSError(f"could not write {path}")
-            print(path, flush=True)
+            save(win, "sensitivity")
+            win.sensitivity_dock.hide()
+        if "history" in wanted:
+            win.history.show()
+            win.tabs.setCurrentIndex(TABS.index("layers"))
+            pump(lambda: True, "layout")
+            save(win, "history")
+            win.history.hide()
+        if "guide" in wanted:
+            guide = win.show_user_guide()
+            pump(lambda: True, "layout")
+            save(guide, "guide")
+            guide.close()
         return 0
     except TimeoutError as e:
         print(f"screenshots: {e}", file=sys.stderr)
@@ -191,6 +220,50 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         win.project.undo_stack.setClean()
         win.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model folder / .gguf (default: the default model)")
+    p.add_argument("--out", default=str(REPO / "docs" / "screenshots"))
+    p.add_argument("--sizes", default="1280x760,1600x1000", help="window sizes WxH, comma-separated")
+    p.add_argument("--calib-text", default=None, help="calibration text (default: resources/calibration, "
+                                                      "else ../shared/data/wikitext2-valid.txt)")
+    p.add_argument("--eval-text", default=None, help="evaluation text (default: ../shared/data/wikitext2-test.txt)")
+    p.add_argument("--tabs", default="all", help=f"comma-separated views to grab (default all: {', '.join(VIEWS)})")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--dark", default="distributions,roofline",
+                   help="views grabbed again in the dark palette, at the first size, into <W>x<H>-dark/ "
+                        "(empty: none)")
+    p.add_argument("--no-xvfb", action="store_true", help="use the current display (or Qt's offscreen platform)")
+    p.add_argument("--subdir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if args.child or args.no_xvfb:
+        if not args.child and not os.environ.get("DISPLAY"):
+            os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+        return max(run_one(args, s) for s in sizes)
+    if not shutil.which("xvfb-run"):
+        print("screenshots: xvfb-run is missing (Debian: apt-get install xvfb xauth); or pass --no-xvfb",
+              file=sys.stderr)
+        return 1
+    runs = [(s, args.tabs, None, {}) for s in sizes]
+    if args.dark.strip():
+        runs.append((sizes[0], args.dark, f"{sizes[0]}-dark", {"DUPSTUDIO_THEME": "dark"}))
+    code = 0
+    for s, tabs, subdir, extra_env in runs:
+        w, h = s.lower().split("x")
+        cmd = ["xvfb-run", "-a", "-s", f"-screen 0 {w}x{h}x24", sys.executable, str(Path(__file__).resolve()),
+               "--child", "--sizes", s, "--out", args.out, "--tabs", tabs, "--timeout", str(args.timeout)]
+        if subdir:
+            cmd += ["--subdir", subdir]
+        for opt in ("model", "calib_text", "eval_text"):
+            if getattr(args, opt):
+                cmd += [f"--{opt.replace('_', '-')}", str(getattr(args, opt))]
+        env = dict(os.environ, QT_QPA_PLATFORM="xcb", **extra_env)
+        code = max(code, subprocess.call(cmd, env=env))
+    return code
 
 
 if __name__ == "__main__":
