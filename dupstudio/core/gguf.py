@@ -8,8 +8,10 @@ Q5_0/Q5_1/Q3_K/Q5_K, rounds BF16/Q2_K/Q6_K to float16 and misreads Q4_K.
 llama.cpp stores the rows of ``attn_q``/``attn_k`` permuted for its adjacent-pair rope layout; they
 are permuted back to the Hugging Face rotate-half layout that mlx-lm's ``llama`` model expects.
 
-The tokenizer is rebuilt from the GGUF vocabulary (byte-level BPE, ``tokenizer.ggml.model ==
-"gpt2"``) as a ``tokenizers`` tokenizer.json plus the usual Hugging Face side files.
+The tokenizer is rebuilt from the GGUF vocabulary as a ``tokenizers`` tokenizer.json plus the
+usual Hugging Face side files: byte-level BPE (``tokenizer.ggml.model == "gpt2"``, with its
+merges) or SentencePiece (``"llama"``: pieces and scores, rebuilt as a byte-fallback BPE whose
+merges are ranked by the merged piece's score, which is how SentencePiece's BPE picks them).
 
 The conversion is written into a hidden temporary sibling of the output folder and renamed into
 place at the end; the marker ``dupstudio-complete.json`` (file list, sizes, source sha256) is the
@@ -383,15 +385,9 @@ def _support_problems(meta: Dict[str, Any], tensors: List[Dict[str, Any]]) -> Li
             first_of_type.setdefault(t["type"], t["name"])
     for ttype, name in sorted(first_of_type.items()):
         problems.append(unsupported_message(name, ttype))
-    tok_model = meta.get("tokenizer.ggml.model")
-    if tok_model != "gpt2":
-        problems.append(f"tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')")
-    else:
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in _PRE_TOKENIZERS:
-            problems.append(
-                f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
-            )
+    problem = _tokenizer_problem(meta)
+    if problem:
+        problems.append(problem)
     if any(t["name"] == "rope_freqs.weight" for t in tensors):
         problems.append("rope frequency factors (rope_freqs, Llama-3.1-style rope scaling) are not supported")
     return problems
@@ -501,6 +497,20 @@ def _pre_llama3():
     )
 
 
+def _pre_qwen2():
+    from tokenizers import Regex, pre_tokenizers
+
+    # llama.cpp "qwen2" (Qwen2, Qwen2.5, Qwen3): llama 3's split with single digits
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
 _PRE_TOKENIZERS = {
     "smollm": _pre_smollm,
     "default": _pre_gpt2,
@@ -508,10 +518,33 @@ _PRE_TOKENIZERS = {
     "gpt-2": _pre_gpt2,
     "llama-bpe": _pre_llama3,
     "llama3": _pre_llama3,
+    "qwen2": _pre_qwen2,
 }
+#: pre-tokenizers whose Hugging Face tokenizer.json also NFC-normalizes the text
+_NFC_PRE = frozenset({"qwen2"})
 
+# llama.cpp token types (tokenizer.ggml.token_type)
+_TOKEN_TYPE_NORMAL = 1
+_TOKEN_TYPE_UNKNOWN = 2
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+#: the tokenizer models the converter rebuilds
+_TOKENIZER_MODELS = "byte-level BPE 'gpt2', SentencePiece 'llama'"
+
+
+def _tokenizer_problem(meta: Dict[str, Any]) -> Optional[str]:
+    """Why the GGUF's tokenizer cannot be rebuilt (None: it can), from the header alone."""
+    tok_model = meta.get("tokenizer.ggml.model")
+    if tok_model == "gpt2":
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in _PRE_TOKENIZERS:
+            return f"pre-tokenizer {pre!r} is not supported (supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
+        return None
+    if tok_model == "llama":
+        if "tokenizer.ggml.scores" not in meta:
+            return "the SentencePiece tokenizer has no scores (tokenizer.ggml.scores)"
+        return None
+    return f"tokenizer model {tok_model!r} is not supported (supported: {_TOKENIZER_MODELS})"
 
 
 def _token_at(tokens: List[str], idx: Any) -> Optional[str]:
@@ -520,28 +553,94 @@ def _token_at(tokens: List[str], idx: Any) -> Optional[str]:
     return None
 
 
+def _bpe_model(meta: Dict[str, Any], vocab: Dict[str, int], gguf_path: Path):
+    """A byte-level BPE model with the GGUF's merges, its pre-tokenizer and decoder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    merges = _as_list(meta.get("tokenizer.ggml.merges"))
+    if merges is None:
+        raise DupstudioError(f"{gguf_path}: the GGUF has no tokenizer merges")
+    if not all(isinstance(m, str) for m in merges):
+        raise DupstudioError(f"{gguf_path}: the GGUF tokenizer merges are not a list of strings")
+    merge_pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise DupstudioError(f"{gguf_path}: malformed BPE merge {m!r}")
+        merge_pairs.append((a, b))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False))
+    if pre in _NFC_PRE:
+        tk.normalizer = normalizers.NFC()
+    tk.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _spm_merges(tokens: List[str], scores: List[float], types: List[int],
+                vocab: Dict[str, int]) -> List[Tuple[str, str]]:
+    """BPE merges that reproduce a SentencePiece BPE vocabulary.
+
+    SentencePiece (and llama.cpp's SPM tokenizer) repeatedly joins the adjacent pair whose
+    concatenation is a piece with the highest score. A BPE model joins the pair with the best
+    merge rank, so every split of a piece into two pieces becomes a merge, ranked by the joined
+    piece's score (ties: the piece's id, then the halves' ids), as Hugging Face's
+    SentencePieceExtractor builds the merges of its converted tokenizers. Only normal and
+    user-defined pieces take part: control, unknown, unused and byte pieces never come from
+    joining text."""
+    ok = {_TOKEN_TYPE_NORMAL, _TOKEN_TYPE_USER_DEFINED}
+    ranked = []
+    for i, (piece, ty) in enumerate(zip(tokens, types)):
+        if ty not in ok or len(piece) < 2:
+            continue
+        for k in range(1, len(piece)):
+            left, right = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if left is not None and right is not None and types[left] in ok and types[right] in ok:
+                ranked.append((-scores[i], i, left, right))
+    ranked.sort()
+    return [(tokens[left], tokens[right]) for _, _, left, right in ranked]
+
+
+def _spm_model(meta: Dict[str, Any], tokens: List[str], types: List[int], vocab: Dict[str, int],
+               unk: Optional[str], gguf_path: Path):
+    """A SentencePiece vocabulary as a byte-fallback BPE tokenizer (the layout of Hugging Face's
+    llama and Gemma tokenizer.json: spaces become "▁", a "▁" is prepended when the GGUF says
+    ``add_space_prefix`` (llama.cpp's default for SentencePiece), bytes without a piece fall
+    back to the <0xNN> pieces)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = _as_list(meta.get("tokenizer.ggml.scores"))
+    if scores is None or len(scores) != len(tokens) or \
+            not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise DupstudioError(f"{gguf_path}: tokenizer.ggml.scores does not give one number per token")
+    merges = _spm_merges(tokens, [float(x) for x in scores], types, vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                              byte_fallback=True))
+    add_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", "\u2581")
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if add_prefix else replace
+    # (the decoders mlx-lm recognises as SentencePiece's, for its streaming detokenizer)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tk.decoder = decoders.Sequence(steps)
+    return tk
+
+
 def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, Any]:
     """Return {file name: json-able object} for the tokenizer side files (tokenizer.json is a str)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from tokenizers import AddedToken, processors
 
+    problem = _tokenizer_problem(meta)
+    if problem:
+        raise DupstudioError(f"{gguf_path}: {problem}")
     tok_model = meta.get("tokenizer.ggml.model")
-    if tok_model != "gpt2":
-        raise DupstudioError(
-            f"{gguf_path}: tokenizer model {tok_model!r} is not supported (only byte-level BPE 'gpt2')"
-        )
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise DupstudioError(
-            f"{gguf_path}: pre-tokenizer {pre!r} is not supported "
-            f"(supported: {', '.join(sorted(_PRE_TOKENIZERS))})"
-        )
     tokens = _as_list(meta.get("tokenizer.ggml.tokens"))
-    merges = _as_list(meta.get("tokenizer.ggml.merges"))
-    types = _as_list(meta.get("tokenizer.ggml.token_type")) or [1] * len(tokens)
-    if not tokens or merges is None:
-        raise DupstudioError(f"{gguf_path}: the GGUF has no tokenizer vocabulary/merges")
-    if not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges):
-        raise DupstudioError(f"{gguf_path}: the GGUF tokenizer tokens/merges are not lists of strings")
+    types = _as_list(meta.get("tokenizer.ggml.token_type")) or [_TOKEN_TYPE_NORMAL] * len(tokens or [])
+    if not tokens:
+        raise DupstudioError(f"{gguf_path}: the GGUF has no tokenizer vocabulary")
+    if not all(isinstance(t, str) for t in tokens):
+        raise DupstudioError(f"{gguf_path}: the GGUF tokenizer tokens are not a list of strings")
     if len(types) != len(tokens) or not all(isinstance(t, int) for t in types):
         raise DupstudioError(f"{gguf_path}: tokenizer.ggml.token_type does not give one integer per token")
     vocab: Dict[str, int] = {}
@@ -549,17 +648,18 @@ def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, A
         vocab.setdefault(t, i)
     if len(vocab) != len(tokens):
         raise DupstudioError(f"{gguf_path}: the GGUF vocabulary has duplicate tokens")
-    merge_pairs = []
-    for m in merges:
-        a, sep, b = m.partition(" ")
-        if not sep:
-            raise DupstudioError(f"{gguf_path}: malformed BPE merge {m!r}")
-        merge_pairs.append((a, b))
 
-    bpe = models.BPE(vocab=vocab, merges=merge_pairs, fuse_unk=False, byte_fallback=False)
-    tk = Tokenizer(bpe)
-    tk.pre_tokenizer = _PRE_TOKENIZERS[pre]()
-    tk.decoder = decoders.ByteLevel()
+    bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
+    eos = _token_at(tokens, meta.get("tokenizer.ggml.eos_token_id"))
+    unk = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
+    pad = _token_at(tokens, meta.get("tokenizer.ggml.padding_token_id"))
+    spm = tok_model == "llama"
+    if spm:
+        if unk is None and _TOKEN_TYPE_UNKNOWN in types:
+            unk = tokens[types.index(_TOKEN_TYPE_UNKNOWN)]
+        tk = _spm_model(meta, tokens, types, vocab, unk, gguf_path)
+    else:
+        tk = _bpe_model(meta, vocab, gguf_path)
 
     specials = []
     for i, (t, ty) in enumerate(zip(tokens, types)):
@@ -575,11 +675,8 @@ def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, A
     if user_objs:
         tk.add_tokens(user_objs)
 
-    bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
-    eos = _token_at(tokens, meta.get("tokenizer.ggml.eos_token_id"))
-    unk = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
-    pad = _token_at(tokens, meta.get("tokenizer.ggml.padding_token_id"))
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    # llama.cpp adds a BOS by default for SentencePiece vocabularies, not for byte-level BPE
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", spm)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if add_bos or add_eos:
         single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
@@ -590,7 +687,7 @@ def _build_tokenizer_files(meta: Dict[str, Any], gguf_path: Path) -> Dict[str, A
         if add_eos and eos != bos:
             st.append((eos, vocab[eos]))
         tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=st)
-    else:
+    elif not spm:
         tk.post_processor = processors.ByteLevel(trim_offsets=False)
 
     added_decoder = {}
