@@ -1,12 +1,31 @@
-"""Convert a llama-family GGUF file into an mlx-lm model directory.
+"""Convert a GGUF file (llama, mistral, qwen2, qwen3, gemma3 or phi3) into an mlx-lm model directory.
 
 The GGUF tensors are read one at a time from the byte offsets in the header and decoded with
 numpy (:mod:`dupstudio.core.gguf_quants`: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and the
 k-quants Q2_K-Q6_K, mixed freely within a file), then stored, un-rounded, as float32
-safetensors under Hugging Face / mlx-lm llama names. ``mlx.core.load`` is not used: it refuses
+safetensors under the names of mlx-lm's model of the matching type (``llama``, ``qwen2``,
+``qwen3``, ``gemma3_text``, ``phi3``). ``mlx.core.load`` is not used: it refuses
 Q5_0/Q5_1/Q3_K/Q5_K, rounds BF16/Q2_K/Q6_K to float16 and misreads Q4_K.
-llama.cpp stores the rows of ``attn_q``/``attn_k`` permuted for its adjacent-pair rope layout; they
-are permuted back to the Hugging Face rotate-half layout that mlx-lm's ``llama`` model expects.
+
+What llama.cpp's ``convert_hf_to_gguf.py`` does to the Hugging Face weights is undone here, per
+architecture (the table :data:`_ARCHS`):
+
+* llama/mistral: the rows of ``attn_q``/``attn_k`` are permuted for llama.cpp's adjacent-pair
+  ("normal") rope; they are permuted back to the rotate-half layout mlx-lm's ``llama`` expects.
+  qwen2, qwen3, gemma3 and phi3 run llama.cpp's "neox" rope, which is rotate-half already, so
+  their converter stores the rows as they are and nothing is undone;
+* gemma3: Gemma's norms compute ``x̂·(1 + w)``; the converter stores ``1 + w`` (every tensor whose
+  name ends in ``norm.weight``), so 1 is subtracted again for mlx-lm's ``gemma3_text``, which adds
+  it itself. The converter also cuts the embedding to the tokenizer's vocabulary (the config's
+  vocabulary follows the file);
+* phi3: ``attn_qkv`` and ``ffn_up`` hold Hugging Face's fused ``qkv_proj`` and ``gate_up_proj``
+  unchanged; long-context factors (``rope_factors_long``/``_short``) go back into config.json.
+
+A missing ``output.weight`` means a tied head. Hyper-parameters come from the ``<arch>.*`` keys;
+where llama.cpp assumes a value the file does not hold (Gemma 3's sliding-window pattern of 6,
+its local rope base of 10000, its attention scale), the same value is assumed here. The expected
+tensors and shapes are those of mlx-lm's model built (lazily, nothing is allocated) from the
+config, so a converted folder always loads.
 
 The tokenizer is rebuilt from the GGUF vocabulary as a ``tokenizers`` tokenizer.json plus the
 usual Hugging Face side files: byte-level BPE (``tokenizer.ggml.model == "gpt2"``, with its
@@ -19,14 +38,18 @@ last file written, so :func:`is_complete_conversion` can validate a cached conve
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
 
 from .gguf_quants import SUPPORTED_TYPES, read_tensor, unsupported_message
 from .jobs import CancelToken, DupstudioError, ProgressFn, ensure
@@ -48,8 +71,8 @@ MARKER_NAME = "dupstudio-complete.json"
 MARKER_FORMAT = 1
 WEIGHTS_NAME = "model.safetensors"
 
-#: ``general.architecture`` values whose tensors/hyper-parameters map onto mlx-lm's ``llama`` model.
-SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral"})
+#: ``general.architecture`` values the converter maps onto an mlx-lm model (see :data:`_ARCHS`).
+SUPPORTED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"})
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -118,6 +141,11 @@ _HPARAM_LIMITS = {
     "attention.head_count": 4096,
     "attention.head_count_kv": 4096,
     "attention.key_length": 4096,
+    "attention.value_length": 4096,
+    "attention.sliding_window": 1 << 24,
+    "attention.sliding_window_pattern": MAX_BLOCKS,
+    "rope.dimension_count": 4096,
+    "rope.scaling.original_context_length": 1 << 24,
     "vocab_size": 1 << 24,
     "context_length": 1 << 24,
 }
@@ -411,37 +439,91 @@ def sha256_file(path: PathLike, *, cancel: Optional[CancelToken] = None, chunk: 
     return h.hexdigest()
 
 
-_LAYER_MAP = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.bias": "self_attn.o_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-    "ffn_gate.bias": "mlp.gate_proj.bias",
-    "ffn_up.bias": "mlp.up_proj.bias",
-    "ffn_down.bias": "mlp.down_proj.bias",
-}
+def _linear_names(pairs) -> Dict[str, str]:
+    """GGUF ``<stem>.weight``/``.bias`` -> mlx-lm ``<path>.weight``/``.bias`` for linear layers."""
+    out = {}
+    for stem, path in pairs:
+        out[f"{stem}.weight"] = f"{path}.weight"
+        out[f"{stem}.bias"] = f"{path}.bias"
+    return out
+
+
+def _norm_names(pairs) -> Dict[str, str]:
+    return {f"{stem}.weight": f"{path}.weight" for stem, path in pairs}
+
+
+#: llama's seven linears (llama, mistral, qwen2, qwen3, gemma3); a bias the mlx-lm model has no
+#: place for is refused by the shape check, not here
+_SEVEN = _linear_names([
+    ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
+])
+_QK_NORMS = _norm_names([("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")])
+_LLAMA_NORMS = _norm_names([("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")])
+
+
+@dataclass(frozen=True)
+class _GGUFArch:
+    """How one llama.cpp architecture maps onto an mlx-lm model type."""
+    model_type: str  # config.json model_type (the mlx-lm module)
+    hf_class: str  # config.json architectures[0]
+    block: Dict[str, str]  # GGUF name under blk.N -> mlx-lm name under model.layers.N
+    #: llama.cpp's llama converter permutes q/k rows for its adjacent-pair rope
+    permute_qk: bool = False
+    #: the converter stores norm weights plus this (Gemma's 1 + w norms)
+    norm_shift: float = 0.0
+    #: config.json carries head_dim (else mlx-lm computes hidden / heads, and a file whose
+    #: key_length differs cannot be represented)
+    head_dim_in_config: bool = True
+    rms_eps_default: float = 1e-5
+    #: rope.scaling.type values this mlx-lm model takes
+    rope_scalings: Tuple[str, ...] = ("linear",)
+    #: global tensors that are configuration, not weights (GGUF name -> rope_scaling key)
+    config_tensors: Dict[str, str] = field(default_factory=dict)
+
+
 _GLOBAL_MAP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 
+_ARCHS: Dict[str, _GGUFArch] = {
+    "llama": _GGUFArch("llama", "LlamaForCausalLM", {**_SEVEN, **_LLAMA_NORMS}, permute_qk=True),
+    "qwen2": _GGUFArch("qwen2", "Qwen2ForCausalLM", {**_SEVEN, **_LLAMA_NORMS},
+                       head_dim_in_config=False, rms_eps_default=1e-6,
+                       rope_scalings=("linear", "yarn")),
+    "qwen3": _GGUFArch("qwen3", "Qwen3ForCausalLM", {**_SEVEN, **_LLAMA_NORMS, **_QK_NORMS},
+                       rms_eps_default=1e-6, rope_scalings=("linear", "yarn")),
+    # (Gemma's ffn_norm is the norm before the MLP; post_attention_norm and post_ffw_norm scale
+    # the attention and MLP outputs)
+    "gemma3": _GGUFArch("gemma3_text", "Gemma3ForCausalLM", {
+        **_SEVEN, **_QK_NORMS, **_norm_names([
+            ("attn_norm", "input_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
+            ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+        ])}, norm_shift=1.0, rms_eps_default=1e-6),
+    # (phi3's ffn_up is Hugging Face's gate_up_proj: gate rows first, then up rows)
+    "phi3": _GGUFArch("phi3", "Phi3ForCausalLM", {
+        **_linear_names([("attn_qkv", "self_attn.qkv_proj"), ("attn_output", "self_attn.o_proj"),
+                         ("ffn_up", "mlp.gate_up_proj"), ("ffn_down", "mlp.down_proj")]),
+        **_LLAMA_NORMS}, head_dim_in_config=False, rope_scalings=(),
+        config_tensors={"rope_factors_long.weight": "long_factor",
+                        "rope_factors_short.weight": "short_factor"}),
+}
+_ARCHS["mistral"] = _ARCHS["llama"]
+assert set(_ARCHS) == SUPPORTED_ARCHITECTURES
 
-def _hf_name(gguf_name: str) -> Optional[str]:
+
+def _hf_name(gguf_name: str, arch: str = "llama") -> Optional[str]:
+    """The mlx-lm weight name of a GGUF tensor of architecture ``arch`` (None: not a weight
+    this architecture has; a configuration tensor such as phi3's rope factors is not a weight)."""
     if gguf_name in _GLOBAL_MAP:
         return _GLOBAL_MAP[gguf_name]
+    block = _ARCHS[arch].block
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_MAP:
-        return f"model.layers.{int(parts[1])}.{_LAYER_MAP[parts[2]]}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        return f"model.layers.{int(parts[1])}.{block[parts[2]]}"
     return None
 
 
@@ -792,7 +874,7 @@ def _vocab_size(meta: Dict[str, Any], arch: str, gguf_path: Path) -> int:
 
 
 def _attention_shape(meta: Dict[str, Any], arch: str, hidden: int, gguf_path: Path) -> tuple:
-    """(heads, kv heads, head dim), consistent with each other and with the rope."""
+    """(heads, kv heads, head dim), consistent with each other."""
     n_heads = _hparam(meta, arch, "attention.head_count", gguf_path)
     n_kv = _hparam(meta, arch, "attention.head_count_kv", gguf_path, n_heads)
     if n_heads % n_kv:
@@ -801,18 +883,63 @@ def _attention_shape(meta: Dict[str, Any], arch: str, hidden: int, gguf_path: Pa
     head_dim = _hparam(meta, arch, "attention.key_length", gguf_path, max(hidden // n_heads, 1))
     if head_dim % 2:
         raise DupstudioError(f"{gguf_path}: head dim {head_dim} is odd (rope rotates pairs)")
-    rope_dim = _arch_key(meta, arch, "rope.dimension_count")
-    if rope_dim is not None and rope_dim != head_dim:
-        raise DupstudioError(
-            f"{gguf_path}: partial rope (rope dimension {rope_dim} != head dim {head_dim}) is not supported"
-        )
+    v_dim = _hparam(meta, arch, "attention.value_length", gguf_path, head_dim)
+    if v_dim != head_dim:
+        raise DupstudioError(f"{gguf_path}: value heads of {v_dim} and key heads of {head_dim} "
+                             f"are not supported (mlx-lm's models use one head size)")
     return n_heads, n_kv, head_dim
 
 
+def _optional_hparam(meta: Dict[str, Any], arch: str, key: str, gguf_path: Path) -> Optional[int]:
+    """An integer hyper-parameter where absent or 0 means "none" (e.g. no sliding window)."""
+    v = _arch_key(meta, arch, key)
+    return None if v is None or v == 0 else _hparam(meta, arch, key, gguf_path)
+
+
+def _rope_scaling(meta: Dict[str, Any], arch: str, spec: _GGUFArch, gguf_path: Path,
+                  tensor_names: set) -> Optional[Dict[str, Any]]:
+    """config.json's rope_scaling from the ``rope.scaling.*`` keys (and phi3's factor tensors)."""
+    factors = [n for n in spec.config_tensors if n in tensor_names]
+    scaling = _arch_key(meta, arch, "rope.scaling.type")
+    if factors:  # phi3's long-context ("longrope") factors, filled in once the tensors are read
+        if len(factors) != len(spec.config_tensors):
+            raise DupstudioError(f"{gguf_path}: the file holds {factors[0]} without its partner "
+                                 f"({', '.join(sorted(spec.config_tensors))} come in pairs)")
+        if scaling not in (None, "none", "longrope"):
+            raise DupstudioError(f"{gguf_path}: rope scaling {scaling!r} with long-context factors")
+        return {"type": "longrope", **{key: [] for key in spec.config_tensors.values()}}
+    if not scaling or scaling == "none":
+        return None
+    if scaling not in spec.rope_scalings or not _arch_key(meta, arch, "rope.scaling.factor"):
+        raise DupstudioError(f"{gguf_path}: rope scaling {scaling!r} is not supported for {arch}")
+    out: Dict[str, Any] = {"type": scaling,
+                           "factor": _fparam(meta, arch, "rope.scaling.factor", gguf_path, 1.0)}
+    if scaling == "yarn":
+        # what Hugging Face's yarn settings become in the file; mlx-lm has no place for llama.cpp's
+        # own extrapolation/attention factors
+        for key in ("rope.scaling.yarn_ext_factor", "rope.scaling.yarn_attn_factor",
+                    "rope.scaling.yarn_log_multiplier"):
+            if _arch_key(meta, arch, key) is not None:
+                raise DupstudioError(f"{gguf_path}: yarn rope scaling with {arch}.{key} is not supported")
+        out["original_max_position_embeddings"] = _hparam(
+            meta, arch, "rope.scaling.original_context_length", gguf_path)
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if _arch_key(meta, arch, f"rope.scaling.{key}") is not None:
+                out[name] = _round7(_fparam(meta, arch, f"rope.scaling.{key}", gguf_path, 1.0))
+    return out
+
+
+def _round7(x: float) -> float:
+    """A float stored as float32 in GGUF, rounded back to the decimal it was written from
+    (1e-05 comes back as 9.999999747378752e-06)."""
+    return float(f"{x:.7g}")
+
+
 def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> Dict[str, Any]:
-    """config.json from the header metadata; every count is checked against its limit and
-    the block count against the blocks the file actually holds."""
+    """config.json of the mlx-lm model type from the header metadata; every count is checked
+    against its limit and the block count against the blocks the file actually holds."""
     arch = meta["general.architecture"]
+    spec = _ARCHS[arch]
     hidden = _hparam(meta, arch, "embedding_length", gguf_path)
     n_heads, n_kv, head_dim = _attention_shape(meta, arch, hidden, gguf_path)
     n_blocks = _hparam(meta, arch, "block_count", gguf_path)
@@ -820,41 +947,102 @@ def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> D
     if held != set(range(n_blocks)):
         raise DupstudioError(f"{gguf_path}: GGUF metadata says {n_blocks} blocks but the file holds "
                              f"tensors for {len(held)} (blk.0-{max(held, default=-1)})")
+    if not spec.head_dim_in_config and head_dim != hidden // n_heads:
+        raise DupstudioError(f"{gguf_path}: head dim {head_dim} differs from hidden size / heads "
+                             f"({hidden} / {n_heads}), which mlx-lm's {spec.model_type} assumes")
+    rope_dim = _hparam(meta, arch, "rope.dimension_count", gguf_path, head_dim)
+    if rope_dim != head_dim and (arch != "phi3" or rope_dim > head_dim):
+        raise DupstudioError(
+            f"{gguf_path}: partial rope (rope dimension {rope_dim} != head dim {head_dim}) is not supported"
+        )
+    context = _hparam(meta, arch, "context_length", gguf_path, 131072 if arch == "gemma3" else 2048)
     tied = "output.weight" not in tensor_names
     cfg: Dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [spec.hf_class],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "intermediate_size": _hparam(meta, arch, "feed_forward_length", gguf_path),
         "num_hidden_layers": n_blocks,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "rms_norm_eps": _fparam(meta, arch, "attention.layer_norm_rms_epsilon", gguf_path, 1e-5),
-        "rope_theta": _fparam(meta, arch, "rope.freq_base", gguf_path, 10000.0),
+        "rms_norm_eps": _round7(_fparam(meta, arch, "attention.layer_norm_rms_epsilon", gguf_path,
+                                        spec.rms_eps_default)),
+        # (llama.cpp's default base when the file does not say)
+        "rope_theta": _round7(_fparam(meta, arch, "rope.freq_base", gguf_path, 10000.0)),
         "vocab_size": _vocab_size(meta, arch, gguf_path),
-        "max_position_embeddings": _hparam(meta, arch, "context_length", gguf_path, 2048),
+        "max_position_embeddings": context,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
-        "attention_bias": any(n.endswith("attn_q.bias") for n in tensor_names),
-        "mlp_bias": any(n.endswith("ffn_up.bias") for n in tensor_names),
         "torch_dtype": "float32",
     }
-    # round floats stored as float32 in GGUF (1e-05 comes back as 9.999999747378752e-06)
-    cfg["rms_norm_eps"] = float(f"{cfg['rms_norm_eps']:.7g}")
-    cfg["rope_theta"] = float(f"{cfg['rope_theta']:.7g}")
-    scaling = _arch_key(meta, arch, "rope.scaling.type")
-    if scaling and scaling != "none":
-        if scaling == "linear" and _arch_key(meta, arch, "rope.scaling.factor"):
-            factor = _fparam(meta, arch, "rope.scaling.factor", gguf_path, 1.0)
-            cfg["rope_scaling"] = {"type": "linear", "factor": factor}
-        else:
-            raise DupstudioError(f"{gguf_path}: rope scaling {scaling!r} is not supported")
+    if spec.head_dim_in_config:
+        cfg["head_dim"] = head_dim
+    if spec.model_type == "llama":
+        cfg["attention_bias"] = any(n.endswith("attn_q.bias") for n in tensor_names)
+        cfg["mlp_bias"] = any(n.endswith("ffn_up.bias") for n in tensor_names)
+    scaling = _rope_scaling(meta, arch, spec, gguf_path, tensor_names)
+    if scaling is not None:
+        for key in spec.config_tensors.values():
+            if key in scaling:  # one factor per rotated pair; the values come with the tensor data
+                scaling[key] = [1.0] * (rope_dim // 2)
+        cfg["rope_scaling"] = scaling
+    if arch == "gemma3":
+        _gemma3_config(cfg, meta, arch, gguf_path)
+    elif arch == "phi3":
+        cfg["original_max_position_embeddings"] = _hparam(
+            meta, arch, "rope.scaling.original_context_length", gguf_path, context)
+        if rope_dim != head_dim:
+            cfg["partial_rotary_factor"] = rope_dim / head_dim
+            if int(head_dim * cfg["partial_rotary_factor"]) != rope_dim:
+                raise DupstudioError(f"{gguf_path}: a rope dimension of {rope_dim} of a head of "
+                                     f"{head_dim} cannot be expressed as mlx-lm's rotary factor")
+        # (neither llama.cpp nor mlx-lm's phi3 applies the window; kept as the model states it)
+        window = _optional_hparam(meta, arch, "attention.sliding_window", gguf_path)
+        if window is not None:
+            cfg["sliding_window"] = window
     for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
         v = meta.get(f"tokenizer.ggml.{mkey}_token_id")
         if isinstance(v, int):
             cfg[key] = v
     return cfg
+
+
+#: Gemma 3's sliding-window layers: llama.cpp reads no pattern from the file and makes every
+#: sixth layer global (the pattern of every Gemma 3 model); a file that states one is followed
+GEMMA3_SLIDING_PATTERN = 6
+#: ... and it gives the sliding layers' rope this base
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
+#: ... and it scales the queries of the 62-block model (Gemma 3 27B) by 1/sqrt(hidden / heads)
+GEMMA3_27B_BLOCKS = 62
+
+
+def _gemma3_config(cfg: Dict[str, Any], meta: Dict[str, Any], arch: str, gguf_path: Path) -> None:
+    """Gemma 3's own entries: sliding windows, local rope base and the query scale, as llama.cpp
+    runs the file (none of the last three is stored by its converter)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if _arch_key(meta, arch, key):
+            raise DupstudioError(f"{gguf_path}: {arch}.{key} is set; mlx-lm's gemma3_text has no "
+                                 f"soft-capping")
+    window = _optional_hparam(meta, arch, "attention.sliding_window", gguf_path)
+    pattern = _arch_key(meta, arch, "attention.sliding_window_pattern")
+    if window is None:  # no sliding layers
+        window, pattern = cfg["max_position_embeddings"], 1
+    elif pattern is None:
+        pattern = GEMMA3_SLIDING_PATTERN
+    elif isinstance(pattern, (list, _SkippedArray)):
+        raise DupstudioError(f"{gguf_path}: a per-layer sliding-window pattern "
+                             f"({arch}.attention.sliding_window_pattern) is not supported")
+    else:
+        pattern = _hparam(meta, arch, "attention.sliding_window_pattern", gguf_path)
+    cfg["sliding_window"] = window
+    cfg["sliding_window_pattern"] = pattern
+    cfg["rope_local_base_freq"] = _round7(_fparam(meta, arch, "rope.freq_base_swa", gguf_path,
+                                                  GEMMA3_LOCAL_ROPE_BASE))
+    n_heads = cfg["num_attention_heads"]
+    cfg["query_pre_attn_scalar"] = (cfg["hidden_size"] // n_heads
+                                    if cfg["num_hidden_layers"] == GEMMA3_27B_BLOCKS else cfg["head_dim"])
+    cfg["hidden_activation"] = "gelu_pytorch_tanh"
+    del cfg["hidden_act"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,21 +1062,30 @@ def plan_conversion(gguf_path: PathLike) -> Dict[str, Any]:
     "config"}``; raises DupstudioError naming the first problem."""
     gguf_path = Path(gguf_path)
     header = _parse_gguf_header(gguf_path, skip_arrays=True)
-    problems = _support_problems(header["metadata"], header["tensors"])
+    meta = header["metadata"]
+    problems = _support_problems(meta, header["tensors"])
     if problems:
         raise DupstudioError(f"{gguf_path}: cannot convert: " + "; ".join(problems))
+    arch = meta["general.architecture"]
+    spec = _ARCHS[arch]
     infos = {t["name"]: t for t in header["tensors"]}
-    unknown = [n for n in infos if _hf_name(n) is None]
+    names = {n: _hf_name(n, arch) for n in infos if n not in spec.config_tensors}
+    unknown = [n for n, hf in names.items() if hf is None]
     if unknown:
         raise DupstudioError(
-            f"{gguf_path}: unexpected tensor(s) for a llama model: {', '.join(sorted(unknown)[:5])}"
+            f"{gguf_path}: unexpected tensor(s) for a {arch} model: {', '.join(sorted(unknown)[:5])}"
         )
-    shapes = {_hf_name(n): tuple(t["shape"]) for n, t in infos.items()}
-    if len(shapes) != len(infos):
+    shapes = {hf: tuple(infos[n]["shape"]) for n, hf in names.items()}
+    if len(shapes) != len(names):
         raise DupstudioError(f"{gguf_path}: two tensors map onto the same weight (e.g. blk.1 and blk.01)")
-    config = _build_config(header["metadata"], set(infos), gguf_path)
+    config = _build_config(meta, set(infos), gguf_path)
     _check_shapes(shapes, config, gguf_path)
-    return {"header": header, "infos": infos, "config": config}
+    scaling = config.get("rope_scaling") or {}
+    for n, key in spec.config_tensors.items():
+        if n in infos and tuple(infos[n]["shape"]) != (len(scaling[key]),):
+            raise DupstudioError(f"{gguf_path}: {n} has shape {tuple(infos[n]['shape'])}, "
+                                 f"expected {(len(scaling[key]),)}")
+    return {"header": header, "infos": infos, "config": config, "arch": arch, "names": names}
 
 
 def _read_metadata(gguf_path: Path, header: Dict[str, Any]) -> Dict[str, Any]:
@@ -982,10 +1179,12 @@ def convert_gguf(
 
 
 def _dequantize_all(plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> Dict[str, Any]:
-    """{HF name: float32 mlx weight}, decoded tensor by tensor, q/k rows back in the
-    rotate-half layout."""
+    """{mlx-lm name: float32 mlx weight}, decoded tensor by tensor, with llama.cpp's changes
+    undone (llama's q/k rows back in the rotate-half layout, Gemma's norms without the 1 its
+    converter adds). A configuration tensor (phi3's rope factors) goes into the plan's config."""
     import mlx.core as mx
 
+    spec = _ARCHS[plan["arch"]]
     n_heads = plan["config"]["num_attention_heads"]
     n_kv = plan["config"]["num_key_value_heads"]
     n = len(plan["infos"])
@@ -993,14 +1192,21 @@ def _dequantize_all(plan: Dict[str, Any], gguf_path: Path, progress, cancel) -> 
     tensors = iter_gguf_tensors(gguf_path, plan["header"], cancel=cancel)
     for i, (info, w) in enumerate(tensors):
         name = info["name"]
-        heads = n_heads if name.endswith(("attn_q.weight", "attn_q.bias")) else \
-            n_kv if name.endswith(("attn_k.weight", "attn_k.bias")) else None
+        if name in spec.config_tensors:
+            plan["config"]["rope_scaling"][spec.config_tensors[name]] = [float(x) for x in w]
+            continue
+        heads = None
+        if spec.permute_qk:
+            heads = n_heads if name.endswith(("attn_q.weight", "attn_q.bias")) else \
+                n_kv if name.endswith(("attn_k.weight", "attn_k.bias")) else None
         if heads is not None:
             try:
                 w = _unpermute_rows(w, heads)
             except ValueError as exc:  # a bias's length is not checked against the config
                 raise DupstudioError(f"{gguf_path}: tensor {name!r}: {exc}") from exc
-        weights[_hf_name(name)] = mx.array(w)
+        if spec.norm_shift and name.endswith("norm.weight"):
+            w = w - np.float32(spec.norm_shift)
+        weights[plan["names"][name]] = mx.array(w)
         del w  # mlx holds its own copy; keep one decoded tensor alive at a time
         progress(0.1 + 0.75 * (i + 1) / n, f"Dequantized {name} ({info['type']})")
     return weights
@@ -1043,35 +1249,55 @@ def _write_conversion(tmp: Path, weights, plan, meta, tok_files, gguf_path: Path
     _write_json(tmp / MARKER_NAME, marker)
 
 
+@contextlib.contextmanager
+def _global_rng_kept():
+    """mlx-lm's layers draw their initial weights from mlx's global random key. A model built
+    only for its shapes leaves the key as it found it, so that what a caller draws afterwards
+    does not depend on whether a conversion ran first (the key is two 32-bit words, the
+    seed that recreates it)."""
+    import mlx.core as mx
+
+    hi, lo = (int(x) for x in mx.random.state[0].tolist())
+    try:
+        yield
+    finally:
+        mx.random.seed((hi << 32) | lo)
+
+
+def _mlx_lm_shapes(cfg: Dict[str, Any], gguf_path: Path) -> Dict[str, tuple]:
+    """{weight name: shape} of mlx-lm's model for ``cfg``. The model is only built, never
+    evaluated: mlx initialises its parameters lazily, so nothing is allocated, whatever the size."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    try:
+        model_class, args_class = _get_classes(cfg)
+        with _global_rng_kept():
+            model = model_class(args_class.from_dict(cfg))
+    except Exception as exc:  # mlx-lm's own checks of its arguments
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise DupstudioError(f"{gguf_path}: mlx-lm cannot build a {cfg['model_type']} model from "
+                             f"this file's settings ({msg})") from exc
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    if cfg["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight", None)  # (Gemma 3 has the layer and drops it when tied)
+    return shapes
+
+
 def _check_shapes(shapes: Dict[str, tuple], cfg: Dict[str, Any], gguf_path: Path) -> None:
-    """Every tensor the config implies is present with its shape (``shapes``: HF name -> shape).
-    The caller has checked the block count against the blocks in the file."""
-    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd, nh, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    expect = {
-        "model.embed_tokens.weight": (v, h),
-        "model.norm.weight": (h,),
-    }
-    if not cfg["tie_word_embeddings"]:
-        expect["lm_head.weight"] = (v, h)
-    per_block = {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (nh * hd, h),
-        "self_attn.k_proj.weight": (nkv * hd, h),
-        "self_attn.v_proj.weight": (nkv * hd, h),
-        "self_attn.o_proj.weight": (h, nh * hd),
-        "mlp.gate_proj.weight": (inter, h),
-        "mlp.up_proj.weight": (inter, h),
-        "mlp.down_proj.weight": (h, inter),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        expect.update({f"model.layers.{i}.{k}": shp for k, shp in per_block.items()})
+    """Every weight of mlx-lm's model for ``cfg`` is present with its shape, and nothing else
+    (``shapes``: mlx-lm name -> shape). The caller has checked the block count against the
+    blocks in the file."""
+    expect = _mlx_lm_shapes(cfg, gguf_path)
     for k, shp in expect.items():
         if k not in shapes:
             raise DupstudioError(f"{gguf_path}: missing tensor for {k}")
         if tuple(shapes[k]) != shp:
             raise DupstudioError(f"{gguf_path}: {k} has shape {tuple(shapes[k])}, expected {shp}")
+    extra = sorted(set(shapes) - set(expect))
+    if extra:
+        raise DupstudioError(f"{gguf_path}: mlx-lm's {cfg['model_type']} model has no place for "
+                             f"{', '.join(extra[:5])}")
 
 
 def _replaceable(out_dir: Path) -> bool:
