@@ -450,18 +450,6 @@ def run_fingerprint(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, settin
     return h.hexdigest()[:24]
 
 
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim_checkpoint(ck: Path, fingerprint: str) -> Path:
     """Make ``ck`` this run's checkpoint folder and return its lock file.
 
@@ -470,7 +458,7 @@ def claim_checkpoint(ck: Path, fingerprint: str) -> Path:
     configuration, text or settings (resuming them would mix two runs)."""
     import os
 
-    from dupstudio.core.config import atomic_write_bytes
+    from dupstudio.core.safeio import atomic_write_bytes, pid_alive
 
     ck.mkdir(parents=True, exist_ok=True)
     lock = ck / "lock"
@@ -481,7 +469,7 @@ def claim_checkpoint(ck: Path, fingerprint: str) -> Path:
             pid = int(lock.read_text().strip() or 0)
         except (OSError, ValueError):
             pid = 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
+        if pid and pid != os.getpid() and pid_alive(pid):
             raise DupstudioError(f"{ck}: another calibration (process {pid}) is writing here; wait "
                                  "for it to finish or choose another output") from None
         lock.unlink(missing_ok=True)  # left by a run that was killed

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dupstudio.core.safeio import pid_alive
 from dupstudio.core.jobs import Cancelled, DupstudioError
 
 #: exit status of a rank that gives up (init failure, collective error or timeout)
@@ -415,22 +416,6 @@ def _json_default(o):
     return str(o)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by mlx.launch) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-    except (OSError, IndexError):
-        pass
-    return True
-
-
 def all_gather_bytes(dist: Dist, data: bytes, what: str, timeout_s: float = DEFAULT_TIMEOUT_S, *,
                      message: Optional[str] = None, on_error=None) -> list:
     """Every rank's ``data``, in rank order (lengths first, then the bytes padded to the longest,
@@ -485,7 +470,7 @@ class _SweepRun:
         t_end = time.monotonic() + wait_s
         while True:
             out = [r for r, p in enumerate(self.peers)
-                   if r != self.dist.rank and p.get("host") == self.host and not _alive(int(p["pid"]))]
+                   if r != self.dist.rank and p.get("host") == self.host and not pid_alive(int(p["pid"]))]
             if out or time.monotonic() >= t_end:
                 return out
             time.sleep(0.1)

@@ -84,7 +84,9 @@ def make_temp_dir(target: Path, kind: str = "partial") -> Path:
     raise DupstudioError(f"{target.parent}: cannot create a temporary folder")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` running on this machine (a zombie, exited but not yet reaped by its
+    parent, counts as gone)? Unjudgeable cases count as alive: what they hold is kept."""
     if pid == os.getpid():
         return True
     try:
@@ -93,6 +95,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return True  # someone else's live process (or a number we cannot judge): keep
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+    except (OSError, IndexError):
+        pass
     return True
 
 
@@ -115,7 +123,7 @@ def remove_stale(folder: Path, *, report: bool = True) -> list:
         return []
     for entry in entries:
         m = TEMP_RE.match(entry.name)
-        if m is None or _pid_alive(int(m.group(2))):
+        if m is None or pid_alive(int(m.group(2))):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):

@@ -7,20 +7,7 @@ from dupstudio.core import config as C
 from dupstudio.core.calibrate import block_forward, calibrate, settings_from, weighted_lsq
 from dupstudio.core.evaluate import make_windows, tokenize
 from dupstudio.core.jobs import CancelToken, Cancelled, DupstudioError
-from dupstudio.core.model_io import model_shape
 from dupstudio.core.replicate import build
-
-
-@pytest.fixture(scope="module")
-def shape(tiny_loaded):
-    return model_shape(tiny_loaded.config)
-
-
-@pytest.fixture(scope="module")
-def cal(tiny_loaded):
-    from dupstudio.core.testing import tiny_text
-
-    return make_windows(tokenize(tiny_loaded.tokenizer, tiny_text(20000)), 32, 8)
 
 
 def _settings(**kw):
@@ -89,18 +76,22 @@ def test_cancellation_stops_within_one_step(tiny_loaded, shape, cal):
     assert len(seen) == 2
 
 
-def test_resume_gives_the_same_result(tiny_loaded, shape, cal, tmp_path):
-    s = _settings(steps=4)
-    full = calibrate(tiny_loaded, C.new_config(shape), cal, s)
+def _stop_after_block0(loaded, cfg, cal, s, ck):
+    """A run into checkpoint folder ``ck`` cancelled once block 1 has started."""
     tok = CancelToken()
 
-    def stop_after_block0(frac, msg):
+    def stop(frac, msg):
         if msg.startswith("block 1: step"):
             tok.cancel()
 
     with pytest.raises(Cancelled):
-        calibrate(tiny_loaded, C.new_config(shape), cal, s, checkpoint_dir=tmp_path, cancel=tok,
-                  progress=stop_after_block0)
+        calibrate(loaded, cfg, cal, s, checkpoint_dir=ck, cancel=tok, progress=stop)
+
+
+def test_resume_gives_the_same_result(tiny_loaded, shape, cal, tmp_path):
+    s = _settings(steps=4)
+    full = calibrate(tiny_loaded, C.new_config(shape), cal, s)
+    _stop_after_block0(tiny_loaded, C.new_config(shape), cal, s, tmp_path)
     assert (tmp_path / "block_000.json").exists() and not (tmp_path / "block_001.json").exists()
     resumed = calibrate(tiny_loaded, C.new_config(shape), cal, s, checkpoint_dir=tmp_path)
     for a, b in zip(full.blocks, resumed.blocks):
@@ -110,15 +101,7 @@ def test_resume_gives_the_same_result(tiny_loaded, shape, cal, tmp_path):
 def test_a_checkpoint_of_another_run_is_refused_not_resumed(tiny_loaded, shape, cal, tmp_path):
     """Blocks finished for one configuration/text must not be spliced into another run."""
     s = _settings(steps=2)
-    tok = CancelToken()
-
-    def stop_after_block0(frac, msg):
-        if msg.startswith("block 1: step"):
-            tok.cancel()
-
-    with pytest.raises(Cancelled):
-        calibrate(tiny_loaded, C.new_config(shape), cal, s, checkpoint_dir=tmp_path, cancel=tok,
-                  progress=stop_after_block0)
+    _stop_after_block0(tiny_loaded, C.new_config(shape), cal, s, tmp_path)
     assert not (tmp_path / "lock").exists()  # released when the run ended
     other_cfg = C.new_config(shape, strategy="percentile")
     with pytest.raises(DupstudioError, match="another run"):

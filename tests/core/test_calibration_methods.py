@@ -10,7 +10,6 @@ from dupstudio.core.calibration.e2e import kl_loss, tune_end_to_end
 from dupstudio.core.calibration.gptq import gptq_codes, gptq_reference
 from dupstudio.core.evaluate import make_windows, tokenize
 from dupstudio.core.jobs import DupstudioError
-from dupstudio.core.model_io import model_shape
 from dupstudio.core.replicate import build
 
 
@@ -64,18 +63,6 @@ def test_gptq_refuses_mismatched_or_broken_statistics():
     h2[0, 0] = np.nan
     with pytest.raises(DupstudioError, match="not finite"):
         gptq_codes(w, h2, 2, 64)
-
-
-@pytest.fixture(scope="module")
-def shape(tiny_loaded):
-    return model_shape(tiny_loaded.config)
-
-
-@pytest.fixture(scope="module")
-def cal(tiny_loaded):
-    from dupstudio.core.testing import tiny_text
-
-    return make_windows(tokenize(tiny_loaded.tokenizer, tiny_text(20000)), 32, 8)
 
 
 def test_calibrate_with_gptq_codes_beats_rtn_codes_on_the_first_block(tiny_loaded, shape, cal):
