@@ -364,6 +364,27 @@ def test_logits_equal_mlx_lm_with_the_reference_weights(built, opened, case):
                                atol=1e-4 * float(mx.abs(want).max()))
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_dupstudio_runs_the_converted_model(opened, case):
+    """dupstudio's own model around the float blocks (its embedding scale, per-window masks,
+    head; the matrix list of the architecture) gives the converted mlx-lm model's logits, so
+    the converted settings (Gemma's pattern of 6, phi3's partial rotary and long-context
+    factors) mean the same to dupstudio as to mlx-lm."""
+    from dupstudio.core import adapters
+    from dupstudio.core import config as C
+    from dupstudio.core.model_io import block_linears, model_shape
+    from dupstudio.core.search import hybrid_model
+
+    lm = opened[case]
+    arch = adapters.of_model(lm.model)
+    assert tuple(block_linears(lm.model)[0]) == arch.matrix_names
+    ids = mx.array(np.random.default_rng(5).integers(0, 300, (2, 24)))
+    cfg = C.new_config(model_shape(lm.config), group_size=32)
+    ours = np.array(hybrid_model(lm, cfg, [])(ids))
+    ref = np.array(lm.model(ids))
+    assert np.abs(ours - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
 @pytest.mark.parametrize("case", ["qwen2", "qwen3", "gemma3"])
 def test_q_k_rows_are_not_permuted_outside_the_llama_family(built, case):
     """llama.cpp runs these architectures with its rotate-half ("neox") rope, so their converter
