@@ -1,6 +1,6 @@
 # PyInstaller runtime hook: runs inside the packaged app before dupstudio is imported.
 #
-# Decision 17: the app bundles the default model's GGUF under resources/models/ and converts it
+# The app bundles the default model's GGUF under resources/models/ and converts it
 # into the user's cache at first start. dupstudio.core.model_io.default_gguf_path() reads
 # $DUPSTUDIO_DEFAULT_GGUF, so point it at the bundled file (a value the user set wins).
 # $DUPSTUDIO_BUNDLED_GGUF tells packaging/dupstudio_main.py which file is the bundled one, so that
