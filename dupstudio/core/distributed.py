@@ -537,7 +537,9 @@ class _SweepRun:
         self.fail(f"{who} before the sweep results were gathered ({what})", gone=gone)
 
     def on_sigterm(self, signum, frame):  # pragma: no cover - exercised through mlx.launch
-        gone = self.gone(wait_s=0.5)
+        # mlx.launch sends SIGTERM only (no SIGKILL after it), so there is time to look for the
+        # rank that ended: on a loaded machine it can take a second or two to be seen as gone
+        gone = self.gone(wait_s=2.0)
         if gone:
             who = ", ".join(f"rank {r}" for r in gone) + " ended before the sweep finished"
         else:
