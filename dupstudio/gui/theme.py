@@ -72,6 +72,13 @@ def banner_colors(kind: str) -> tuple:
     return table.get(kind, table["info"])
 
 
+def banner_css(kind: str, padding: str = "3px 6px") -> str:
+    """The style sheet of a QLabel shown as a strip of the banner colours of ``kind``."""
+    bg, border, fg = banner_colors(kind)
+    return (f"QLabel {{ background: {bg}; border: 1px solid {border}; color: {fg};"
+            f" border-radius: 4px; padding: {padding}; }}")
+
+
 def dark_palette() -> QPalette:
     p = QPalette()
     base, window, text = QColor("#1e1f22"), QColor("#2b2d30"), QColor("#dfe1e5")

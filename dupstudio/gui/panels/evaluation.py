@@ -70,9 +70,7 @@ class EvaluationPanel(QWidget):
         self.same_text = QLabel("")
         self.same_text.setObjectName("evalSameText")
         self.same_text.setWordWrap(True)
-        bg, border, fg = theme.banner_colors("warning")
-        self.same_text.setStyleSheet(f"QLabel {{ background: {bg}; border: 1px solid {border}; color: {fg};"
-                                     " border-radius: 4px; padding: 3px 6px; }")
+        self.same_text.setStyleSheet(theme.banner_css("warning"))
         self.same_text.hide()
         form.addRow(self.same_text)
         self.text.changed.connect(lambda _t: self.check_text())

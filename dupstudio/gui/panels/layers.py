@@ -600,9 +600,7 @@ class LayersPanel(QWidget):
         self.lock_note = QLabel("🔒 " + LOCKED_REASON)
         self.lock_note.setObjectName("layersLocked")
         self.lock_note.setWordWrap(True)
-        bg, border, fg = theme.banner_colors("warning")
-        self.lock_note.setStyleSheet(f"QLabel {{ background: {bg}; border: 1px solid {border}; color: {fg};"
-                                     " border-radius: 4px; padding: 4px 8px; }")
+        self.lock_note.setStyleSheet(theme.banner_css("warning", "4px 8px"))
         self.lock_note.hide()
         lay.addWidget(self.lock_note)
         lay.addWidget(self.view, 1)
