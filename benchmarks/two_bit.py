@@ -52,6 +52,13 @@ ROWS = {
     "gptq_adam_g32": dict(group=32, cal=dict(codes="gptq")),
     "gptq_adam_k2s": dict(K=2, mode="serial", cal=dict(codes="gptq")),
     "gptq_adam_k2p": dict(K=2, mode="parallel", cal=dict(codes="gptq")),
+    "ap": dict(cal=dict(method="ap")),
+    "gptq_ap": dict(cal=dict(method="ap", codes="gptq")),
+    "ap_gains": dict(cal=dict(method="ap", gains=True)),
+    "ap_3b": dict(bits=3, cal=dict(method="ap")),
+    "ap_g32": dict(group=32, cal=dict(method="ap")),
+    "ap_k2s": dict(K=2, mode="serial", cal=dict(method="ap")),
+    "ap_k2p": dict(K=2, mode="parallel", cal=dict(method="ap")),
 }
 
 
@@ -63,7 +70,8 @@ def stages(row: str, s) -> str:
     if s.init == "closed_form":
         out.append("closed-form scales")
     if s.steps:
-        out.append(f"block-wise Adam {s.steps} steps" + (" + row/col gains" if s.gains else ""))
+        out.append(f"block-wise Adam {s.steps} steps" + (" + row/col gains" if s.gains else "")
+                   + (f" with learned rounding (latent step {s.ap_lr:g})" if s.method == "ap" else ""))
     return " → ".join(out)
 
 
@@ -73,6 +81,7 @@ def main():
     ap.add_argument("--preset", default="full")
     ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default: the preset's)")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--ap-lr", type=float, default=None, help="learned rounding's latent step (default: the preset's)")
     ap.add_argument("--e2e-steps", type=int, default=1000)
     ap.add_argument("--e2e-lr", type=float, default=1e-3)
     ap.add_argument("--e2e-seconds", type=float, default=None,
@@ -178,6 +187,8 @@ def main():
                 over = dict(spec["cal"])
                 if a.steps is not None and over.get("steps", 1):
                     over["steps"] = a.steps
+                if over.get("method") == "ap" and a.ap_lr:
+                    over["ap_lr"] = a.ap_lr
                 s = settings_from(a.preset, seqs=a.cal_seqs, **over)
                 cal = make_windows(cal_toks, s.seq_len, s.seqs, what="calibration text")
                 ntok = cal.size

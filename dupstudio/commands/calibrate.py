@@ -27,7 +27,11 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="fast", choices=list(PRESET_HELP),
                    help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="block-wise method, or e2e: only the end-to-end stage")
+                   help="block-wise method: adam tunes scales/biases over fixed codes; ap also learns "
+                        "the codes (learned rounding); e2e: only the end-to-end stage")
+    p.add_argument("--ap-lr", type=float, default=None,
+                   help="learned rounding (--method ap): step of the latent codes, in code units "
+                        "(default: the preset's, 0.0015 fast, 0.0005 full)")
     p.add_argument("--codes", default=None, choices=list(CODE_METHODS),
                    help="rtn: round-to-nearest codes; gptq: codes chosen by error feedback through "
                         "each layer's input Hessian, measured on the quantized model's own inputs")
@@ -81,7 +85,7 @@ def run(args) -> int:
                              gains=args.gains or None, residual_gain=args.residual_gain or None,
                              incremental=False if args.no_incremental else None, codes=args.codes,
                              gptq_damp=args.gptq_damp, gptq_act_order=args.act_order or None,
-                             e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                             e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, ap_lr=args.ap_lr,
                              e2e_seqs=0 if e2e_seqs == "all" else e2e_seqs)
     from dupstudio.core.streaming import (available_memory, estimate_calibration_memory,
                                           memory_line, pick_stream)

@@ -45,8 +45,10 @@ from dupstudio.core.model_io import LoadedModel, block_linears, model_shape
 from dupstudio.core.replicate import embedding_modules, fold_vector, replica_init
 
 #: block-wise methods, and "e2e": no block-wise pass, only the end-to-end stage on the
-#: configuration as it stands
-METHODS = ("stats", "grid", "adam", "e2e")
+#: configuration as it stands. "ap" is "adam" with learned rounding: each weight's code is the
+#: rounding of a trainable latent value (straight-through gradient), trained together with the
+#: scales and biases to match the full-precision block output, then frozen.
+METHODS = ("stats", "grid", "adam", "ap", "e2e")
 #: how a block's integer codes are chosen before its scales are tuned: round-to-nearest from the
 #: primary replica's strategy, or GPTQ (error feedback through the layer's input Hessian, with the
 #: inputs the already-quantized earlier blocks produce)
@@ -76,6 +78,7 @@ class CalibSettings:
     e2e_steps: int = 0  # end-to-end KL steps over all blocks after the block-wise pass (0: none)
     e2e_lr: float = 1e-3
     e2e_seqs: int = 0  # sequences the end-to-end stage draws from (0: all it is given)
+    ap_lr: float = 1.5e-3  # learned rounding: Adam's step on the latent codes, in code units per step
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -84,10 +87,10 @@ class CalibSettings:
 PRESETS = {
     # ≤ 10 min for the default model on 2 CPU cores (a preset a user can wait for)
     "fast": CalibSettings(method="adam", steps=40, lr=3e-3, batch=4, seqs=32, seq_len=256,
-                          init="closed_form", reg=1.0),
+                          init="closed_form", reg=1.0, ap_lr=1.5e-3),
     # the reference recipe's data and batch, with a closed-form start
     "full": CalibSettings(method="adam", steps=300, batch=8, seqs=64, seq_len=512, init="closed_form",
-                          holdout=0.0, reg=1.0),
+                          holdout=0.0, reg=1.0, ap_lr=5e-4),
 }
 
 
@@ -109,6 +112,8 @@ def settings_from(preset: str = "fast", **overrides) -> CalibSettings:
     if not (0.0 <= s.gptq_damp <= 10.0) or s.e2e_steps < 0 or s.e2e_seqs < 0 or not (0.0 < s.e2e_lr < 1.0):
         raise DupstudioError("calibration settings out of range (0 ≤ GPTQ dampening ≤ 10, "
                              "end-to-end steps ≥ 0, 0 < end-to-end learning rate < 1)")
+    if not (0.0 < s.ap_lr < 1.0):
+        raise DupstudioError(f"the learned-rounding step must be in (0, 1) code units (got {s.ap_lr})")
     if s.steps < 0 or s.batch < 1 or s.seqs < 1 or s.seq_len < 16:
         raise DupstudioError("calibration settings out of range (steps ≥ 0, batch ≥ 1, seqs ≥ 1, seq_len ≥ 16)")
     return s
@@ -250,7 +255,7 @@ class _BlockProblem:
     """Trainable parametrisation of one block's replicas over fixed codes."""
 
     def __init__(self, args, fp_layer, spec, bits, group_size, codes, base_sb, rep_sb, settings,
-                 shape: Optional[dict] = None):
+                 shape: Optional[dict] = None, latent0: Optional[dict] = None):
         self.args = args
         self.arch = arch = adapters.of_layer(fp_layer)
         self.names = names = arch.matrix_names
@@ -291,6 +296,13 @@ class _BlockProblem:
                 self.folds[grp] = (m, 0, self.shapes[m][0])
         self.base = rep_sb  # per replica: m -> (s0, b0) (channel replicas: unused)
         self.sbar = {m: mx.mean(mx.abs(base_sb[m][0]), axis=1) for m in names}
+        # learned rounding: code = round(clip(z0 + c·v)), v trained from 0. z0 (code units) starts
+        # each weight at its starting code plus how far the float weight sat from it, so step 0
+        # reproduces the starting codes and the weights nearest a rounding boundary flip first.
+        # c turns Adam's learning rate for the scales into the latent step ``ap_lr``.
+        self.latent0 = latent0
+        self.qmax = float(2 ** bits - 1)
+        self.lat_scale = settings.ap_lr / settings.lr if latent0 is not None else 0.0
 
     def init_params(self, gains=None, residual=1.0, start_at_k1=True) -> dict:
         P = {"rep": []}
@@ -318,7 +330,22 @@ class _BlockProblem:
                 gains = [1.0] + [0.0] * (self.K - 1) if start_at_k1 else [1.0 / self.K] * self.K
         P["gains"] = mx.array(gains, dtype=mx.float32)
         P["beta"] = mx.array(float(residual))
+        if self.latent0 is not None:
+            P["lat"] = {m: mx.zeros(self.latent0[m].shape) for m in self.names}
         return P
+
+    def codes_of(self, P, m):
+        """Matrix m's codes (float, grouped): fixed, or rounded from the latent values with a
+        straight-through gradient (the rounding passes the gradient on unchanged)."""
+        if "lat" not in P:
+            return self.codes[m]
+        z = mx.clip(self.latent0[m] + self.lat_scale * P["lat"][m], 0.0, self.qmax)
+        return z + mx.stop_gradient(mx.round(z) - z)
+
+    def final_codes(self, P) -> dict:
+        """The integer codes the trained latents round to (uint8, matrix shape)."""
+        return {m: mx.round(mx.stop_gradient(self.codes_of(P, m))).astype(mx.uint8).reshape(self.shapes[m])
+                for m in self.names}
 
     def replica_sb(self, P, i):
         """(scales, biases) per matrix of replica i (raw, before row/col gains)."""
@@ -343,7 +370,7 @@ class _BlockProblem:
         W, LB = {}, {}
         for m in self.names:
             s, b = sb[m]
-            w = (s[..., None] * self.codes[m] + b[..., None]).reshape(self.shapes[m])
+            w = (s[..., None] * self.codes_of(P, m) + b[..., None]).reshape(self.shapes[m])
             mult = None
             if "row" in rp[m]:
                 mult = 1.0 + rp[m]["row"]
@@ -760,8 +787,19 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
                 if r.init != "lsq" else weighted_lsq(float_w[m].astype(mx.float32), codes[m], g,
                                                      sig[input_of[m]], s0, b0)
         rep_sb.append(d)
+    latent0 = None
+    if settings.method == "ap":
+        latent0 = {}
+        for m in names:
+            s0, b0 = base[m]
+            w = float_w[m].astype(mx.float32).reshape(s0.shape[0], -1, g)
+            q = codes[m].astype(mx.float32).reshape(w.shape)
+            safe = mx.where(s0 == 0, 1.0, s0)[..., None]
+            r = mx.where(s0[..., None] == 0, 0.0, (w - (s0[..., None] * q + b0[..., None])) / safe)
+            latent0[m] = q + mx.clip(r, -0.49, 0.49)
+            mx.eval(latent0[m])
     prob = _BlockProblem(loaded.model.args, layer, spec, bits, g, codes, base, rep_sb, settings,
-                         shape=model_shape(loaded.config))
+                         shape=model_shape(loaded.config), latent0=latent0)
 
     def full_loss(P):
         tot = 0.0
@@ -784,7 +822,7 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
         P = _stats_gains(prob, P, x, y, mask, bs)
     elif settings.method == "grid":
         P = _grid(prob, P, x, y, mask, bs, full_loss, float_w, codes, bits, g, cancel)
-    if settings.method == "adam" and settings.steps > 0:
+    if settings.method in ("adam", "ap") and settings.steps > 0:
         import mlx.optimizers as optim
 
         # hold out some sequences: the best step is chosen on them (early stopping), which
@@ -806,7 +844,7 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
             return tot / yh.size
 
         opt = optim.Adam(learning_rate=settings.lr)
-        train = {"rep": P["rep"], "gains": P["gains"], "beta": P["beta"]}
+        train = {k2: P[k2] for k2 in ("rep", "gains", "beta", "lat") if k2 in P}
         best_P, best_h = train, hold_loss(train)
         every = max(5, settings.steps // 6)
 
@@ -855,6 +893,8 @@ def _calibrate_block(loaded, cfg, k, float_w, layer, x, y, mask, settings, rng, 
     loss_after = full_loss(P)
     accepted = loss_after < loss_before
     t, gains, beta = prob.export(P, k)
+    if "lat" in P:
+        codes = prob.final_codes(P)
     for m in names:
         t[f"b{k}.{m}.codes"] = quant.pack_codes(codes[m], bits)
     res = BlockResult(k, loss_before, loss_after if accepted else loss_before, accepted,

@@ -132,3 +132,61 @@ def test_pipeline_settings_and_refusals(tiny_loaded, shape, cal):
                     settings_from("fast", method="e2e", e2e_steps=3, batch=4))
     e = out.provenance["calibration"]["end_to_end"]
     assert e["steps"] == 3 and e["kl_after"] <= e["kl_before"]
+
+
+def _codes(cfg, k, m, bits, width):
+    return np.array(quant.unpack_codes(cfg.tensors[f"b{k}.{m}.codes"], bits, width))
+
+
+@pytest.mark.parametrize("codes", ["rtn", "gptq"])
+def test_learned_rounding_with_a_vanishing_step_is_plain_adam(tiny_loaded, shape, cal, codes):
+    """The latent codes start at the starting codes (plus each weight's distance to them, inside
+    ±0.49 of a code), so with a step too small to cross a rounding boundary learned rounding is
+    exactly the scale/bias tuning over those codes: same codes, same losses, same tensors."""
+    s = dict(steps=6, seqs=8, seq_len=32, batch=4, codes=codes)
+    a = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", **s), blocks=[0])
+    b = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", method="ap", ap_lr=1e-9, **s),
+                  blocks=[0])
+    ra, rb = a.blocks[0].calibration, b.blocks[0].calibration
+    assert rb["method"] == "ap" and rb["loss_after"] == ra["loss_after"]
+    for key in a.tensors:
+        assert np.array_equal(np.array(a.tensors[key]), np.array(b.tensors[key])), key
+
+
+def test_learned_rounding_changes_some_codes_and_lowers_the_block_loss(tiny_loaded, shape, cal):
+    # no held-out sequences: the random tiny model's 2 held-out sequences never improve, so early
+    # stopping would keep the start for both methods and compare nothing
+    s = dict(steps=30, seqs=8, seq_len=32, batch=4, holdout=0.0)
+    a = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", **s), blocks=[0])
+    b = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", method="ap", ap_lr=5e-3, **s),
+                  blocks=[0])
+    ra, rb = a.blocks[0].calibration, b.blocks[0].calibration
+    assert rb["accepted"] and rb["loss_after"] < rb["loss_before"]
+    assert rb["loss_after"] < ra["loss_after"]  # the codes it moved paid for themselves
+    width = tiny_loaded.model.model.layers[0].self_attn.q_proj.weight.shape[1]
+    moved = np.mean(_codes(a, 0, "q_proj", 2, width) != _codes(b, 0, "q_proj", 2, width))
+    # a few per cent of the codes move one step: learned rounding refines, it does not re-quantize
+    assert 0.0 < moved < 0.2
+    d = np.abs(_codes(a, 0, "q_proj", 2, width).astype(int) - _codes(b, 0, "q_proj", 2, width).astype(int))
+    assert d.max() <= 2
+
+
+def test_learned_rounding_guard_keeps_the_starting_codes_when_it_gets_worse(tiny_loaded, shape, cal, monkeypatch):
+    """Sabotage the optimiser (every step pushes every latent code and scale up): the block's
+    loss rises, so the guard keeps the configuration as it was (round-to-nearest codes)."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    monkeypatch.setattr(optim.Adam, "apply_gradients",
+                        lambda self, grads, params: tree_map(lambda g, p: p + 3.0, grads, params))
+    cfg = C.new_config(shape)
+    out = calibrate(tiny_loaded, cfg, cal, settings_from("fast", method="ap", steps=3, seqs=8, seq_len=32,
+                                                        batch=4, holdout=0.0), blocks=[0])
+    r = out.blocks[0].calibration
+    assert not r["accepted"] and r["loss_after"] == r["loss_before"]
+    assert set(out.tensors) == set(cfg.tensors)
+
+
+def test_learned_rounding_setting_is_checked():
+    with pytest.raises(DupstudioError, match="learned-rounding"):
+        settings_from("fast", method="ap", ap_lr=0.0)
