@@ -1,7 +1,7 @@
-"""``dupstudio calibrate cfg.json --text FILE --codes rtn|gptq --method stats|grid|adam|e2e --out OUT``.
+"""``dupstudio calibrate cfg.json --text FILE --codes rtn|gptq --method stats|grid|adam|ap|e2e --out OUT``.
 
 Stages: codes (round-to-nearest, or GPTQ on the quantized model's own inputs), the block-wise
-method (scales, biases and gains over those codes), then optionally ``--e2e-steps N`` of the
+method (scales, biases and gains over those codes; ``ap`` moves the codes too), then optionally ``--e2e-steps N`` of the
 end-to-end KL stage over the whole model; ``--method e2e`` runs only that last stage on a
 configuration as it stands.
 
@@ -22,13 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("config")
     p.add_argument("--text", default=None, help="UTF-8 calibration text (default: the shipped excerpt "
                    "of WikiText-2 validation)")
-    from dupstudio.core.calibrate import CODE_METHODS, METHODS, PRESET_HELP
+    from dupstudio.core.calibrate import CODE_METHODS, METHOD_HELP, METHODS, PRESET_HELP
 
     p.add_argument("--preset", default="fast", choices=list(PRESET_HELP),
                    help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
     p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="block-wise method: adam tunes scales/biases over fixed codes; ap also learns "
-                        "the codes (learned rounding); e2e: only the end-to-end stage")
+                   help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()))
     p.add_argument("--ap-lr", type=float, default=None,
                    help="learned rounding (--method ap): step of the latent codes, in code units "
                         "(default: the preset's, 0.0015 fast, 0.0005 full)")

@@ -49,6 +49,12 @@ from dupstudio.core.replicate import embedding_modules, fold_vector, replica_ini
 #: rounding of a trainable latent value (straight-through gradient), trained together with the
 #: scales and biases to match the full-precision block output, then frozen.
 METHODS = ("stats", "grid", "adam", "ap", "e2e")
+#: one line per method for the CLI and the GUI
+METHOD_HELP = {"adam": "closed-form start, then Adam steps on the block-output loss (codes fixed)",
+               "ap": "learned rounding: Adam on the block-output loss moves the codes too, then freezes them",
+               "stats": "closed forms from activation statistics (fast, no steps)",
+               "grid": "grid search over replica γ, offset and α",
+               "e2e": "no block-wise pass: only the end-to-end KL stage on the configuration as it stands"}
 #: how a block's integer codes are chosen before its scales are tuned: round-to-nearest from the
 #: primary replica's strategy, or GPTQ (error feedback through the layer's input Hessian, with the
 #: inputs the already-quantized earlier blocks produce)

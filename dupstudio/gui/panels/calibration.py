@@ -53,9 +53,6 @@ def default_calibration_text() -> Optional[Path]:
 
 
 PRESET_LABELS = {"fast": "fast (≤ 10 min on 2 cores)", "full": "full (reference recipe)"}
-METHOD_HELP = {"adam": "closed-form start, then Adam steps on the block-output loss",
-               "stats": "closed forms from activation statistics (fast, no steps)",
-               "grid": "grid search over replica γ, offset and α"}
 BEFORE_COLOR, AFTER_COLOR = "#d62728", "#2ca02c"
 
 
@@ -113,7 +110,7 @@ class CalibrationPanel(QWidget):
         self.method = QComboBox()
         for m in CB.METHODS:
             self.method.addItem(m, m)
-            self.method.setItemData(self.method.count() - 1, METHOD_HELP.get(m, ""), Qt.ToolTipRole)
+            self.method.setItemData(self.method.count() - 1, CB.METHOD_HELP.get(m, ""), Qt.ToolTipRole)
         row.addWidget(QLabel("Method"))
         row.addWidget(self.method)
         self.preset = QComboBox()
