@@ -1000,10 +1000,14 @@ def _build_config(meta: Dict[str, Any], tensor_names: set, gguf_path: Path) -> D
         window = _optional_hparam(meta, arch, "attention.sliding_window", gguf_path)
         if window is not None:
             cfg["sliding_window"] = window
-    for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+    for key, mkey in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         v = meta.get(f"tokenizer.ggml.{mkey}_token_id")
         if isinstance(v, int):
             cfg[key] = v
+    if arch == "phi3":
+        # transformers' Phi3Config otherwise pads with 32000, Phi-3-mini's id, which lies outside
+        # other vocabularies (and transformers warns on every load)
+        cfg.setdefault("pad_token_id", None)
     return cfg
 
 
