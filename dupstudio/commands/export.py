@@ -1,7 +1,7 @@
 """``dupstudio export cfg.json --out DIR [--format mlx-lm] [--model MODEL]``: write an mlx-lm model
-folder for a configuration (a standard llama when every block is K = 1 with β = 1, else a
-custom architecture loaded with ``--trust-remote-code``); prints its size, bits per weight and
-path."""
+folder for a configuration (a standard mlx-lm model of the source's architecture when every
+block is K = 1 with β = 1, else a custom architecture loaded with ``--trust-remote-code``);
+prints its size, bits per weight and path."""
 from __future__ import annotations
 
 import json
@@ -67,7 +67,7 @@ def run(args) -> int:
         print(f"architecture {r['architecture']}: load with --trust-remote-code "
               f"(mlx_lm.load(path, trust_remote_code=True))")
     else:
-        print("architecture llama (standard mlx-lm; no custom code)")
+        print(f"architecture {r['architecture']} (standard mlx-lm; no custom code)")
     if args.dtype != "float32" and _cpu_only():
         print(f"note: MLX's CPU backend runs {args.dtype} activations very slowly; to run this "
               f"export on a CPU, export with --dtype float32", file=sys.stderr)

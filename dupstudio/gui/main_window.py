@@ -105,7 +105,8 @@ def export_preview_text(preview: dict) -> str:
             parts.append(str(preview["reasons"][0]) + (f" and {n - 1} more" if n > 1 else ""))
         lines.append("Loading needs --trust-remote-code (a small custom model file): " + "; ".join(parts) + ".")
     else:
-        lines.append("Loads as a standard mlx-lm llama model (no --trust-remote-code needed).")
+        arch = preview.get("architecture") or "llama"
+        lines.append(f"Loads as a standard mlx-lm {arch} model (no --trust-remote-code needed).")
     return "\n".join(lines)
 
 

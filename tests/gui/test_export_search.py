@@ -94,6 +94,14 @@ def test_search_dialog_and_export_text(qtbot):
     assert "12.3 MB" in t and "2.750" in t and "--trust-remote-code" in t and "K = 2 on block 1" in t
 
 
+def test_export_text_names_the_standard_architecture():
+    from dupstudio.gui.main_window import export_preview_text
+
+    t = export_preview_text({"bytes": 1e6, "bits_per_weight": 2.5, "trust_remote_code": False,
+                             "architecture": "qwen3", "reasons": []})
+    assert "standard mlx-lm qwen3 model" in t
+
+
 def test_export_confirmation_is_a_summary_and_warns_when_uncalibrated(window, qtbot, tmp_path):
     from dupstudio.gui.main_window import export_preview_text
 
