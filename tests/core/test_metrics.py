@@ -101,6 +101,146 @@ def test_matrix_metrics_on_known_quantization():
     assert np.array_equal(m["error_hist"]["counts"], np.histogram(-e, bins=M.ERROR_BINS)[0])
 
 
+# ----------------------------------------------------------------------------------------------
+# The fast path (NumPy slices, exact bin counting, a worker thread) against the straightforward
+# computation: histograms and counts exactly equal; sums of squares within 1e-5 relative of
+# float64 sums (they are float32 dot products per slice of 65,536 values, added in float64).
+
+
+def _edge_cases(edges) -> np.ndarray:
+    """Every edge as float32, one float32 step either side, and the non-finite values."""
+    e = np.asarray(edges).astype(np.float32)
+    up, down = np.float32(np.inf), np.float32(-np.inf)
+    return np.concatenate([e, np.nextafter(e, up), np.nextafter(e, down),
+                           np.float32([0.0, -0.0, np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-40])])
+
+
+@pytest.mark.parametrize("edges", [
+    M.WEIGHT_BINS, M.ERROR_BINS, np.linspace(-1.0, 3.0, 7), np.linspace(0.1, 0.7, 1000),
+    np.linspace(-0.3, 0.3, 20001),                        # many narrow bins: searched, not mapped
+    np.array([-2.0, -0.5, -0.49, 0.0, 1e-9, 0.3, 5.0]),  # uneven
+    np.linspace(1000.0, 1000.001, 11),                    # bins a few float32 steps wide
+], ids=["weight", "error", "coarse", "1000", "20001", "uneven", "narrow"])
+def test_histogram_counts_exactly_as_numpy(edges):
+    rng = np.random.default_rng(11)
+    lo, hi = float(edges[0]), float(edges[-1])
+    width = hi - lo
+    x = np.concatenate([
+        rng.normal((lo + hi) / 2, width / 4, 150_000).astype(np.float32),  # more than one slice
+        rng.uniform(lo - width, hi + width, 20_000).astype(np.float32),
+        np.repeat(_edge_cases(edges), 3),
+    ])
+    rng.shuffle(x)
+    h = M.histogram(x, edges)
+    want, _ = np.histogram(x, bins=np.asarray(edges, np.float64))
+    assert np.array_equal(h["counts"], want)
+    assert h["below"] == int(np.count_nonzero(x < edges[0]))
+    assert h["above"] == x.size - h["below"] - int(want.sum())  # NaN counts as above
+    assert h["counts"].dtype == np.int64
+
+
+def _reference_metrics(w, qt, weight_bins=M.WEIGHT_BINS, error_bins=M.ERROR_BINS) -> dict:
+    """The straightforward computation: the dequantized matrix and its error in MLX, sums of
+    squares in float64, clipped_fraction(), np.histogram."""
+    w32 = w.astype(mx.float32)
+    w_hat = qt.dequantize()
+    e = np.array(w_hat - w32).astype(np.float64)
+    wn = np.array(w32).astype(np.float64)
+    p = qt.params
+    s, b = (p.scales, p.biases) if p is not None else (qt.scales, qt.biases)
+    return {
+        "_sse": float((e * e).sum()), "_wsq": float((wn * wn).sum()),
+        "max_abs": float(np.abs(e).max()),
+        "clipped_frac": M.clipped_fraction(w32, s, b, qt.bits, qt.group_size),
+        "weight_hist": np.histogram(np.array(w32), bins=weight_bins)[0],
+        "error_hist": np.histogram(np.array(w_hat - w32), bins=error_bins)[0],
+    }
+
+
+def _matrices():
+    rng = np.random.default_rng(5)
+    heavy = rng.standard_t(3, (384, 512)).astype(np.float32) * 0.03
+    heavy[::7, ::11] *= 20  # outliers beyond the histogram's edges
+    zeros = rng.normal(0, 0.05, (64, 256)).astype(np.float32)
+    zeros[3, :128] = 0.0  # all-zero groups
+    grid = np.round(rng.normal(0, 40, (96, 384))).astype(np.float32) / 200  # on the bin edges
+    return {
+        "normal": mx.array(rng.normal(0, 0.05, (320, 768)).astype(np.float32)),
+        "heavy": mx.array(heavy),
+        "zeros": mx.array(zeros),
+        "grid": mx.array(grid),
+        "float16": mx.array(rng.normal(0, 0.05, (128, 512)).astype(np.float16)),
+        "bfloat16": mx.array(rng.normal(0, 0.05, (128, 512)).astype(np.float32)).astype(mx.bfloat16),
+        "wide": mx.array(rng.normal(0, 0.05, (3, 65536 + 128)).astype(np.float32)),  # > 1 slice per row
+    }
+
+
+@pytest.mark.parametrize("setting", [
+    (2, 64, "minmax", {}), (3, 32, "percentile", {"p": 99.0}), (4, 128, "symmetric", {}),
+    (2, "channel", "minmax", {}), (8, 32, "grid_offset", {"f": 0.5}),
+], ids=["2b-minmax", "3b-percentile", "4b-symmetric", "2b-channel", "8b-offset"])
+def test_matrix_metrics_equal_the_straightforward_computation(setting):
+    bits, g, strategy, sargs = setting
+    for name, w in _matrices().items():
+        qt = Q.quantize(w, bits, g, strategy, **sargs)
+        got = M.matrix_metrics(w, qt, histograms=True)
+        ref = _reference_metrics(w, qt)
+        assert got["_sse"] == pytest.approx(ref["_sse"], rel=1e-5), name
+        assert got["_wsq"] == pytest.approx(ref["_wsq"], rel=1e-5), name
+        assert got["mse"] == pytest.approx(ref["_sse"] / w.size, rel=1e-5), name
+        assert got["rel_fro"] == pytest.approx(math.sqrt(ref["_sse"] / ref["_wsq"]), rel=1e-5)
+        assert got["sqnr_db"] == pytest.approx(10 * math.log10(ref["_wsq"] / ref["_sse"]), abs=1e-4)
+        assert got["max_abs"] == ref["max_abs"], name  # float32 values, exactly
+        assert got["clipped_frac"] == ref["clipped_frac"], name
+        for key in ("weight_hist", "error_hist"):
+            assert np.array_equal(got[key]["counts"], ref[key]), (name, key)
+        # without histograms: the same numbers
+        plain = M.matrix_metrics(w, qt)
+        assert {k: plain[k] for k in ("_sse", "_wsq", "max_abs", "clipped_frac")} == \
+            {k: got[k] for k in ("_sse", "_wsq", "max_abs", "clipped_frac")}
+
+
+def test_error_metrics_propagate_nan_and_match_float64():
+    rng = np.random.default_rng(9)
+    w = rng.normal(0, 0.05, (300, 1000)).astype(np.float32)
+    e = rng.normal(0, 0.01, w.shape).astype(np.float32)
+    m = M.error_metrics(mx.array(w), mx.array(w + e))
+    d = (w + e).astype(np.float64) - w
+    assert m["_sse"] == pytest.approx(float((d * d).sum()), rel=1e-5)
+    assert m["max_abs"] == float(np.abs((w + e) - w).max())
+    bad = (w + e).copy()
+    bad[7, 9] = np.nan
+    m = M.error_metrics(mx.array(w), mx.array(bad))
+    assert math.isnan(m["max_abs"]) and math.isnan(m["mse"])
+
+
+def test_quant_report_rows_equal_matrix_metrics_in_order():
+    """The worker thread changes nothing: each row is matrix_metrics of that matrix, in block and
+    matrix order, progress reaches 1 once per matrix."""
+    blocks = _tiny_blocks(3)
+    seen = []
+    rep = M.quant_report(blocks, 2, 64, histograms=True, progress=lambda f, m: seen.append(m))
+    assert len(seen) == 21 and seen[0] == "block 0 q_proj" and seen[-1] == "block 2 down_proj"
+    for row, (bi, name) in zip(rep.matrices, [(b, n) for b in range(3) for n in M.MATRIX_ORDER]):
+        assert (row["block"], row["matrix"]) == (bi, name)
+        want = M.matrix_metrics(blocks[bi][name], Q.quantize(blocks[bi][name], 2, 64),
+                                histograms=True)
+        for k, v in want.items():
+            if k.endswith("_hist"):
+                assert np.array_equal(row[k]["counts"], v["counts"])
+            else:
+                assert row[k] == v, k
+
+
+def test_quant_report_lists_another_architecture_in_its_own_order():
+    rng = np.random.default_rng(0)
+    blk = {m: mx.array(rng.normal(0, 0.05, s).astype(np.float32)) for m, s in
+           (("qkv_proj", (384, 128)), ("o_proj", (128, 128)), ("gate_up_proj", (512, 128)),
+            ("down_proj", (128, 256)))}
+    rep = M.quant_report([blk], 2, 64)
+    assert [r["matrix"] for r in rep.matrices] == list(blk)
+
+
 def test_block_aggregation_is_parameter_weighted():
     rows = [
         {"block": 0, "matrix": "a", "params": 100, "bytes": 25, "_sse": 1.0, "_wsq": 100.0,
