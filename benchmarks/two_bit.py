@@ -92,7 +92,8 @@ def main():
     ap.add_argument("--fp", action="store_true", help="also a full-precision row")
     ap.add_argument("--model", default=None, help="model (default: the default model)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--prompts", action="store_true", help="export the last row and generate the fixed prompts with mlx-lm")
+    ap.add_argument("--prompts", default="", help="rows (comma-separated) to export and ask the fixed prompts "
+                    "through mlx-lm alone, as soon as each is measured")
     a = ap.parse_args()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,17 +197,28 @@ def main():
             measure(name, cfg, "calibrate" if s else "rtn", stages(name, s), ntok, time.perf_counter() - t0)
         done[name] = cfg
         C.save(cfg, cfg_dir / f"{name}.json")
+        if name in a.prompts.split(","):
+            ask(L, cfg, cfg_dir, name, rows, out)
 
-    if a.prompts:
-        from dupstudio.core.export import export_model
 
-        last = a.rows.split(",")[-1]
-        dest = cfg_dir / f"{last}-mlx"
-        export_model(L, done[last], dest, overwrite=True)
-        gen = prompts(dest)
-        (cfg_dir / f"{last}-prompts.json").write_text(json.dumps(gen, indent=1))
-        for p, t in gen:
-            print(f"PROMPT {p!r}\n  -> {t!r}", flush=True)
+def ask(L, cfg, cfg_dir, name, rows, out):
+    """Export the row's configuration as an mlx-lm model and keep its answers to the prompts."""
+    from dupstudio.core.export import export_model
+
+    dest = cfg_dir / f"{name}-mlx"
+    t0 = time.perf_counter()
+    export_model(L, cfg, dest, overwrite=True)
+    gen = prompts(dest)
+    (cfg_dir / f"{name}-prompts.json").write_text(json.dumps(gen, indent=1))
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    for r in rows:
+        if r["row"] == name:
+            r["export_bytes"] = size
+            r["prompts"] = [{"prompt": p, "answer": t} for p, t in gen]
+    out.write_text(json.dumps(rows, indent=1))
+    for p, t in gen:
+        print(f"PROMPT {p!r}\n  -> {t!r}", flush=True)
+    print(f"  [{name}] exported {size / 1e6:.1f} MB and answered in {time.perf_counter() - t0:.0f}s", flush=True)
 
 
 PROMPTS = ["The capital of France is", "Write a two-line story about a cat.",
