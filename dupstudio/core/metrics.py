@@ -76,8 +76,9 @@ def storage_bytes(out_features: int, in_features: int, bits: int, group_size: in
 #: overhead per slice).
 _CHUNK = 1 << 16
 _EPS32 = float(np.finfo(np.float32).eps)
-#: Threads measuring matrices with NumPy while the calling thread quantizes the next ones in MLX.
-_STATS_THREADS = 1
+#: Threads measuring matrices with NumPy while the calling thread quantizes the next ones in MLX
+#: (the statistics with histograms cost more than the quantization: two keep both cores busy).
+_STATS_THREADS = 2
 
 
 class _Binner:
@@ -571,8 +572,8 @@ def quant_report(
             qt.codes = None
         progress(len(rows) / total, f"block {row['block']} {row['matrix']}")
 
-    # MLX quantizes matrix i+1 (releasing the GIL while it evaluates) while a worker thread
-    # measures matrix i with NumPy: both cores work. At most 2 matrices per worker wait.
+    # MLX quantizes the next matrix (releasing the GIL while it evaluates) while worker threads
+    # measure the previous ones with NumPy: both cores work. At most 2 matrices per worker wait.
     with ThreadPoolExecutor(max_workers=_STATS_THREADS, thread_name_prefix="quant-stats") as pool:
         try:
             for bi, blk in enumerate(blocks):
