@@ -42,8 +42,8 @@ def _gguf_helpers():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Per case: the model argument (folder or .gguf) and its mlx-lm model type; the text; a
-    DUPSTUDIO_HOME of this module's own, so the GGUF files are converted by this code."""
+    """Per case: the model argument (folder or .gguf) and its mlx-lm model type; the text. The
+    module runs with a DUPSTUDIO_HOME of its own, so the GGUF files are converted by this code."""
     from dupstudio.core.testing import make_tiny_model, tiny_text
 
     ga = _gguf_helpers()
@@ -122,25 +122,18 @@ def calibrated(files):
             path, _ = files["cases"][case]
             d = files["base"] / f"run-{case}"
             d.mkdir()
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("DUPSTUDIO_HOME", str(files["base"] / "home"))
-                assert main(["config", "new", str(path), "--bits", "2", "--group", "32",
-                             "--out", str(d / "cfg.json")]) == 0
-                assert main(["calibrate", str(d / "cfg.json"), "--text", str(files["text"]), *CAL,
-                             "--out", str(d / "cal.json")]) == 0
+            assert main(["config", "new", str(path), "--bits", "2", "--group", "32",
+                         "--out", str(d / "cfg.json")]) == 0
+            assert main(["calibrate", str(d / "cfg.json"), "--text", str(files["text"]), *CAL,
+                         "--out", str(d / "cal.json")]) == 0
             done[case] = d / "cal.json"
         return done[case]
 
     return get
 
 
-@pytest.fixture
-def home(files, monkeypatch):
-    monkeypatch.setenv("DUPSTUDIO_HOME", str(files["base"] / "home"))
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_info(files, loaded, home, capsys, case):
+def test_info(files, loaded, capsys, case):
     path, model_type = files["cases"][case]
     cfg = loaded[case].config
     # (transformers' Phi3Config pads with id 32000 when config.json names none: outside this vocabulary)
@@ -157,7 +150,7 @@ def test_info(files, loaded, home, capsys, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_quant_report(files, loaded, home, capsys, case):
+def test_quant_report(files, loaded, capsys, case):
     """Every matrix of every block is reported, with the errors of its 2-bit group-32 min-max
     quantization (float16 scales and biases) recomputed in float64 from the model's weights."""
     from dupstudio.core import adapters
@@ -195,7 +188,7 @@ def test_quant_report(files, loaded, home, capsys, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_eval_full_precision(files, loaded, home, capsys, case):
+def test_eval_full_precision(files, loaded, capsys, case):
     path, _ = files["cases"][case]
     res = json.loads(_cli(capsys, "eval", "--model", path, "--text", files["text"], "--windows",
                           WINDOWS, "--ctx", CTX, "--batch", 2, "--json"))
@@ -226,7 +219,7 @@ def test_calibrate_block_0(files, calibrated, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_eval_calibrated(files, loaded, calibrated, home, capsys, case):
+def test_eval_calibrated(files, loaded, calibrated, capsys, case):
     from dupstudio.core import config as C
     from dupstudio.core.model_io import model_shape
     from dupstudio.core.replicate import build
@@ -243,7 +236,7 @@ def test_eval_calibrated(files, loaded, calibrated, home, capsys, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_export_reloads_in_mlx_lm(files, loaded, calibrated, home, capsys, tmp_path, case):
+def test_export_reloads_in_mlx_lm(files, loaded, calibrated, capsys, tmp_path, case):
     """The K = 1 export is a standard mlx-lm folder of the same model type: mlx-lm loads it and
     its logits are those of dupstudio's simulated model (float32 export: dequantized weights in
     float32 either way) and its tokenizer encodes as the model's."""
