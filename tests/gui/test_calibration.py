@@ -163,7 +163,7 @@ def test_a_cancelled_calibration_keeps_the_finished_blocks(window, qtbot, tiny_t
 
 
 def test_codes_and_end_to_end_steps_come_from_the_presets(make_window, tiny_model_dir, monkeypatch):
-    from dupstudio.core import calibrate as CB
+    from dupstudio.core.calibration import settings as CB  # where PRESETS lives (settings_from reads it)
 
     codes = getattr(CB, "CODE_METHODS", None)
     if codes is None or not hasattr(CB.PRESETS["fast"], "codes"):

@@ -80,7 +80,7 @@ class CalibrationPanel(QWidget):
     block_finished = Signal(int)  # a block's loss before/after arrived (block index)
 
     def __init__(self, project: Project, window, parent: Optional[QWidget] = None) -> None:
-        from dupstudio.core import calibrate as CB
+        from dupstudio.core.calibration import settings as CB
 
         super().__init__(parent)
         self.project, self.window = project, window
@@ -257,7 +257,7 @@ class CalibrationPanel(QWidget):
 
     # ------------------------------------------------------------------ settings
     def _preset_changed(self) -> None:
-        from dupstudio.core.calibrate import PRESETS
+        from dupstudio.core.calibration.settings import PRESETS
 
         s = PRESETS[self.preset.currentData()]
         i = self.method.findData(s.method)
@@ -273,7 +273,7 @@ class CalibrationPanel(QWidget):
         self.e2e_steps.setValue(int(getattr(s, "e2e_steps", 0) or 0))
 
     def settings(self):
-        from dupstudio.core.calibrate import PRESETS, settings_from
+        from dupstudio.core.calibration.settings import PRESETS, settings_from
 
         preset = self.preset.currentData()
         extra = {}
