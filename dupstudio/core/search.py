@@ -243,14 +243,14 @@ def _block_output_power(loaded, tokens: np.ndarray, batch: int = 4) -> list:
     import mlx.core as mx
 
     from dupstudio.core.adapters import of_model
-    from dupstudio.core.calibrate import _chunks, block_forward, embed_inputs
+    from dupstudio.core.calibration.block import block_forward, chunks, embed_inputs
 
     x = embed_inputs(loaded, loaded.model.model.embed_tokens, mx.array(tokens))
     arch = of_model(loaded.model)
     out = []
     for k, layer in enumerate(loaded.model.model.layers):
         mask = arch.causal_mask(loaded.model.args, k, x.shape[1])
-        x = mx.concatenate([block_forward(layer, x[sl], mask) for sl in _chunks(x.shape[0], batch)])
+        x = mx.concatenate([block_forward(layer, x[sl], mask) for sl in chunks(x.shape[0], batch)])
         mx.eval(x)
         out.append(float(mx.mean(x * x).item()))
     return out

@@ -140,7 +140,8 @@ def _sim_block(loaded, cfg, k):
 def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, cancel):
     """What ``calibrate(loaded, cfg, tokens, settings, blocks=[k])`` with ``incremental=False``
     returns, given block k's FP input ``x`` and output ``y`` on those tokens."""
-    from dupstudio.core.calibrate import _calibrate_block, _record_block
+    from dupstudio.core.calibration.block import calibrate_block
+    from dupstudio.core.calibration.checkpoints import record_block
 
     n = loaded.num_blocks
     out = cfg.copy()
@@ -153,9 +154,9 @@ def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, can
     from dupstudio.core.adapters import of_model
 
     mask = of_model(loaded.model).causal_mask(loaded.model.args, k, x.shape[1])
-    res, t, gains, beta = _calibrate_block(loaded, out, k, float_w, layer, x, y, mask, settings, rng,
-                                           prog, cancel, None, n)
-    _record_block(out, k, res, t, gains, beta, settings, None, [])  # no checkpoint, no result list
+    res, t, gains, beta = calibrate_block(loaded, out, k, float_w, layer, x, y, mask, settings, rng,
+                                          prog, cancel, None, n)
+    record_block(out, k, res, t, gains, beta, settings, None, [])  # no checkpoint, no result list
     return out
 
 
@@ -176,7 +177,7 @@ def sensitivity(loaded, cfg_base, cal_tokens: np.ndarray, *, settings=None, kl_w
     import pandas as pd
 
     from dupstudio.core.adapters import of_model
-    from dupstudio.core.calibrate import _chunks, block_forward, embed_inputs
+    from dupstudio.core.calibration.block import block_forward, chunks, embed_inputs
     from dupstudio.core.config import MODES, validate
     from dupstudio.core.model_io import block_linears, model_shape
     from dupstudio.core.replicate import accounting
@@ -221,7 +222,7 @@ def sensitivity(loaded, cfg_base, cal_tokens: np.ndarray, *, settings=None, kl_w
         if with_replica:
             t0 = time.perf_counter()
             mask = of_model(loaded.model).causal_mask(loaded.model.args, k, x.shape[1])
-            y = mx.concatenate([block_forward(layers[k], x[sl], mask) for sl in _chunks(x.shape[0], bs)])
+            y = mx.concatenate([block_forward(layers[k], x[sl], mask) for sl in chunks(x.shape[0], bs)])
             mx.eval(y)
             if k not in pos:
                 setup_s += time.perf_counter() - t0

@@ -8,6 +8,12 @@ activations at one block boundary (input and output buffers; memory-mapped files
 ``dupstudio_home()/tmp`` when they would not fit in RAM). The result equals
 ``evaluate(build(loaded, cfg, mode), windows, reference=loaded.model)`` to float tolerance
 (same modules, same batches, same operation order).
+
+Streamed calibration (:func:`calibrate_streamed`) runs the one calibration loop
+(:func:`dupstudio.core.calibration.loop.calibrate_blocks`) over this module's weight source
+(:class:`StreamedWeights`: block k's float weights read from the files per block) and, when the
+activations would not fit, its activation store (:class:`SpilledActivations`: memory-mapped
+files): same result as in memory.
 """
 from __future__ import annotations
 
@@ -738,37 +744,37 @@ def _file_layer(loaded, k: int):
 
 
 # --------------------------------------------------------------------------- calibration
-class _Acts:
-    """Activations at a block boundary: MLX arrays, or (spilled) .npy memory maps under
-    dupstudio_home()/tmp read back a batch at a time. float32, as calibrate() holds them."""
+class StreamedWeights:
+    """The calibration loop's weight source for a model that is not held whole: block k's float
+    layer and weights read from the model's files for each use (never held; the model's own
+    when its files do not hold them) and, with ``release``, block k's (and the embedding's)
+    parameters swapped back for lazy file reads once done, so a passed-in model stays usable."""
 
-    def __init__(self, spill: bool):
-        self.spill = spill
+    def __init__(self, loaded, release: bool = True):
+        self.loaded, self.release_after = loaded, release
+
+    def block(self, k: int) -> tuple:
+        return _file_layer(self.loaded, k)
+
+    def release(self, k: int) -> None:
+        if self.release_after:
+            release_weights(self.loaded, f"model.layers.{k}")
+
+    def release_embedding(self) -> None:
+        if self.release_after:
+            release_weights(self.loaded, "model.embed_tokens")
+
+
+class SpilledActivations:
+    """The calibration loop's activation store on disk (the interface of
+    :class:`dupstudio.core.calibration.loop.ActivationStore`): each block boundary's activations in
+    a .npy memory map under ``dupstudio_home()/tmp`` (float32, as in memory), written and
+    read back a batch at a time; the files are deleted when dropped or closed."""
+
+    def __init__(self):
         self.files: list = []
 
-    def keep(self, arr):
-        import mlx.core as mx
-
-        if not self.spill:
-            return arr
-        from dupstudio.core.model_io import dupstudio_home
-
-        d = dupstudio_home() / "tmp"
-        d.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="calib-acts-", suffix=".npy", dir=d)
-        os.close(fd)
-        self.files.append(Path(name))
-        mm = np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=tuple(arr.shape))
-        if isinstance(arr, np.ndarray):
-            mm[:] = arr
-        else:
-            mx.eval(arr)
-            mm[:] = np.asarray(arr)
-        mm.flush()
-        return mm
-
-    def new(self, shape):
-        """An empty spilled buffer to fill batch by batch."""
+    def _new(self, shape):
         from dupstudio.core.model_io import dupstudio_home
 
         d = dupstudio_home() / "tmp"
@@ -778,17 +784,33 @@ class _Acts:
         self.files.append(Path(name))
         return np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=tuple(shape))
 
-    @staticmethod
-    def whole(h):
+    def keep(self, arr):
         import mlx.core as mx
 
-        return mx.array(np.asarray(h)) if isinstance(h, np.ndarray) else h
+        mx.eval(arr)
+        mm = self._new(arr.shape)
+        mm[:] = np.asarray(arr)
+        mm.flush()
+        return mm
 
-    @staticmethod
-    def part(h, sl):
+    def map(self, f, h, batch):
+        """(``f`` keeps the shape: a block's output is its input's shape.)"""
         import mlx.core as mx
 
-        return mx.array(np.asarray(h[sl])) if isinstance(h, np.ndarray) else h[sl]
+        from dupstudio.core.calibration.block import chunks
+
+        out = self._new(h.shape)
+        for sl in chunks(h.shape[0], batch):
+            o = f(mx.array(np.asarray(h[sl])))
+            mx.eval(o)
+            out[sl] = np.asarray(o)
+        out.flush()
+        return out
+
+    def whole(self, h):
+        import mlx.core as mx
+
+        return mx.array(np.asarray(h))
 
     def drop(self, h):
         if isinstance(h, np.memmap) and h.filename:
@@ -825,151 +847,28 @@ def calibrate_streamed(source, cfg, tokens: np.ndarray, settings, *,
     With a ``checkpoint_dir`` a finished block's tensors are held as lazy reads of its
     checkpoint file (as resumed blocks are), so the result does not grow in memory either.
 
-    Same per-block code (``_calibrate_block``, ``_apply_current``, ``block_forward``), same
-    random generator, same batches and operation order as the in-memory path: the tensors and
-    losses of the returned configuration are identical to ``calibrate()``'s."""
-    from dataclasses import asdict
-
-    import mlx.core as mx
-
-    from dupstudio.core import adapters
-    from dupstudio.core import calibrate as CB
-    from dupstudio.core.config import validate
-    from dupstudio.core.evaluate import provenance as _prov
-    from dupstudio.core.model_io import LoadedModel, model_shape, open_model
-    from dupstudio.core.replicate import embedding_modules
+    The same loop as the in-memory path (:func:`dupstudio.core.calibration.loop.calibrate_blocks`,
+    here over :class:`StreamedWeights` and memory-mapped activations): the tensors and losses of
+    the returned configuration are identical to ``calibrate()``'s."""
+    from dupstudio.core.calibration.loop import ActivationStore, calibrate_blocks
+    from dupstudio.core.model_io import LoadedModel, open_model
 
     progress, cancel = ensure(progress, cancel)
     own = not isinstance(source, LoadedModel)
     loaded = open_model(source, lazy=True, dtype=dtype) if own else source
-    validate(cfg, model_shape(loaded.config))
     tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.shape[1] < 16:
-        raise DupstudioError("calibration tokens must be (sequences, length ≥ 16)")
-    t_start = time.perf_counter()
-    out = cfg.copy()
-    out.tensors = dict(cfg.tensors)
-    base = loaded.model.model
-    n_blocks = len(base.layers)
-    todo = set(range(n_blocks) if blocks is None else blocks)
-    if not todo:
-        raise DupstudioError("no blocks to calibrate")
-    if max(todo) >= n_blocks or min(todo) < 0:
-        raise DupstudioError(f"block {max(todo)} is beyond the model's {n_blocks} blocks")
-    last = max(todo)
-    rng = np.random.default_rng(settings.seed)
-    n_seq = tokens.shape[0]
-    bs = settings.batch
-    arch = adapters.of_model(loaded.model)
-    act_bytes = n_seq * tokens.shape[1] * loaded.model.args.hidden_size * 4
     if spill == "auto":
+        act_bytes = tokens.size * loaded.model.args.hidden_size * 4
         spill = 3 * act_bytes > available_memory() // 2
-    acts = _Acts(bool(spill))
-    results = []
-    ck = Path(checkpoint_dir) if checkpoint_dir else None
-    if ck:
-        ck.mkdir(parents=True, exist_ok=True)
-    on_disk: dict = {}
-
-    def to_disk(k):
-        """Hold block k's finished tensors as lazy reads of its checkpoint file (as resumed
-        blocks are), so the result does not grow in memory block after block."""
-        if k in on_disk:
-            lz = mx.load(str(CB._ck_paths(ck, k)[0]))
-            out.tensors.update({key: lz[key] for key in on_disk[k]})
-
-    def advance(k, y, x_q):
-        """(float inputs, quantized inputs) of block k + 1 from block k's targets ``y``."""
-        if settings.incremental:
-            new_q = acts.keep(CB._apply_current(loaded, out, k, acts.whole(x_q), mask, bs))
-            acts.drop(x_q)
-            return y, new_q
-        acts.drop(x_q)  # (not incremental: x_q is the previous float inputs)
-        return y, y
-
+    acts = SpilledActivations() if spill else ActivationStore()
     try:
-        # embed step: the float embedding (and the configuration's) only for this step
-        toks = mx.array(tokens)
-        x_fp = CB.embed_inputs(loaded, base.embed_tokens, toks)
-        emb_q, _ = embedding_modules(loaded, cfg, "simulate", mx.float32)
-        x_q = CB.embed_inputs(loaded, emb_q, toks)
-        mx.eval(x_fp, x_q)
-        del emb_q
-        if release:
-            release_weights(loaded, "model.embed_tokens")
-        if not settings.incremental:
-            x_q = x_fp
-        same = x_q is x_fp
-        x_fp = acts.keep(x_fp)
-        x_q = x_fp if same else acts.keep(x_q)
-        for k in range(n_blocks):
-            cancel.check()
-            t0 = time.perf_counter()
-            mask = arch.causal_mask(loaded.model.args, k, tokens.shape[1])  # block k's
-            # block k's float weights: read from the files for each use, never held
-            layer, fw = _file_layer(loaded, k)
-            # targets: the float block on the float inputs (batch by batch, as calibrate())
-            if acts.spill:
-                y = acts.new(x_fp.shape)
-                for sl in CB._chunks(n_seq, bs):
-                    o = CB.block_forward(layer, acts.part(x_fp, sl), mask)
-                    mx.eval(o)
-                    y[sl] = np.asarray(o)
-                y.flush()
-            else:
-                y = mx.concatenate([CB.block_forward(layer, x_fp[sl], mask)
-                                    for sl in CB._chunks(n_seq, bs)])
-                mx.eval(y)
-            if x_q is not x_fp:
-                acts.drop(x_fp)  # (not incremental: x_q is x_fp, dropped in advance())
-            x_fp = None
-
-            if k not in todo:
-                x_fp, x_q = advance(k, y, x_q)
-                del layer, fw, y
-                if release:
-                    release_weights(loaded, f"model.layers.{k}")
-                continue
-            done = CB._load_checkpoint(ck, k, settings, cfg) if ck else None
-            if done is not None:
-                CB._restore_block(out, k, done, results)  # (tensors: lazy reads of the checkpoint file)
-                if done[0]:
-                    on_disk[k] = list(done[0])
-                progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
-            else:
-                xq_m, y_m = acts.whole(x_q), acts.whole(y)
-                res, t, gains, beta = CB._calibrate_block(loaded, out, k, fw, layer, xq_m, y_m,
-                                                          mask, settings, rng, progress, cancel,
-                                                          on_loss, n_blocks)
-                del xq_m, y_m
-                CB._record_block(out, k, res, t, gains, beta, settings, ck, results)
-                if ck:
-                    if res.accepted:
-                        on_disk[k] = list(t)
-                        to_disk(k)
-                del t
-            progress((k + 1) / n_blocks, f"block {k}: loss {results[-1].loss_before:.4g} → "
-                     f"{results[-1].loss_after:.4g} ({time.perf_counter() - t0:.1f}s, streamed)")
-            if k != last:
-                x_fp, x_q = advance(k, y, x_q)
-                to_disk(k)  # advancing read (and so would keep) block k's tensors
-            del layer, fw, y
-            if release:
-                release_weights(loaded, f"model.layers.{k}")
-            if k == last:
-                break  # nothing after the last requested block changes
+        out = calibrate_blocks(loaded, cfg, tokens, settings, StreamedWeights(loaded, release), acts,
+                               progress=progress, cancel=cancel, on_loss=on_loss,
+                               checkpoint_dir=checkpoint_dir, blocks=blocks, lazy_results=True,
+                               label="streamed")
     finally:
         acts.close()
-    progress(1.0, f"calibrated {len(results)} block(s) (streamed)")
-    out.provenance = dict(out.provenance)
-    out.provenance["calibration"] = {
-        "settings": asdict(settings),
-        "seconds": time.perf_counter() - t_start,
-        "blocks": [asdict(r) | {"curve": r.curve[-1:]} for r in results],
-        **_prov("", n_seq, tokens.shape[1], settings.seed),
-        "streamed": True,
-    }
-    out.provenance["calibration"].pop("text_sha256", None)
+    out.provenance["calibration"]["streamed"] = True
     return out
 
 

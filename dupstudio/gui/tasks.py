@@ -242,7 +242,7 @@ def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True, st
 
         import mlx.core as mx
 
-        from dupstudio.core import calib_checkpoints as CK
+        from dupstudio.core.calibration import checkpoints as CK
         from dupstudio.core.calibrate import calibrate
         from dupstudio.core.evaluate import make_windows, read_text, tokenize
         from dupstudio.core.jobs import Cancelled
