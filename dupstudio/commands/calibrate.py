@@ -22,37 +22,11 @@ def register(subparsers) -> None:
     p.add_argument("config")
     p.add_argument("--text", default=None, help="UTF-8 calibration text (default: the shipped excerpt "
                    "of WikiText-2 validation)")
-    from dupstudio.core.calibrate import CODE_METHODS, METHOD_HELP, METHODS, PRESET_HELP
+    from dupstudio.core.calibration.settings import PRESET_HELP
 
     p.add_argument("--preset", default="fast", choices=list(PRESET_HELP),
                    help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
-    p.add_argument("--method", default=None, choices=list(METHODS),
-                   help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()))
-    p.add_argument("--ap-lr", type=float, default=None,
-                   help="learned rounding (--method ap): step of the latent codes, in code units "
-                        "(default: the preset's, 0.0015 fast, 0.0005 full)")
-    p.add_argument("--codes", default=None, choices=list(CODE_METHODS),
-                   help="rtn: round-to-nearest codes; gptq: codes chosen by error feedback through "
-                        "each layer's input Hessian, measured on the quantized model's own inputs")
-    p.add_argument("--gptq-damp", type=float, default=None,
-                   help="GPTQ dampening, a share of the Hessian's mean diagonal (default 0.01)")
-    p.add_argument("--act-order", action="store_true",
-                   help="GPTQ: visit columns in order of decreasing input energy")
-    p.add_argument("--e2e-steps", type=int, default=None,
-                   help="end-to-end KL steps after the block-wise pass (0: none)")
-    p.add_argument("--e2e-lr", type=float, default=None, help="end-to-end learning rate")
-    p.add_argument("--e2e-seqs", default=None,
-                   help="sequences of the text for the end-to-end stage, or 'all' (default: the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps per block")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seqs", type=int, default=None, help="calibration sequences (block-wise pass)")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--init", default=None, choices=["closed_form", "rtn"])
-    p.add_argument("--gains", action="store_true", help="also tune per-row and per-column gains")
-    p.add_argument("--residual-gain", action="store_true", help="also tune each block's residual gain β")
-    p.add_argument("--no-incremental", action="store_true",
-                   help="feed blocks the full-precision inputs instead of the quantized model's")
+    add_settings_options(p)
     p.add_argument("--blocks", default=None, help="only these blocks, e.g. 0-3")
     p.add_argument("--model", default=None, help="model (default: the one the configuration names)")
     p.add_argument("--out", "-o", required=True)
@@ -62,12 +36,55 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def add_settings_options(p) -> None:
+    """One option per calibration setting, built from the settings' fields (their help lines,
+    choices and flags: :func:`dupstudio.core.calibration.settings.settings_fields`). Each
+    defaults to None: the preset's value."""
+    from dupstudio.core.calibration.settings import settings_fields
+
+    g = p.add_argument_group("calibration settings", "each one overrides the preset's value")
+    for f in settings_fields():
+        md = f.metadata
+        opt = md.get("option", "--" + f.name.replace("_", "-"))
+        if "const" in md:  # a flag: sets the field to ``const``
+            text = md.get("option_help") or md["help"]
+            g.add_argument(opt, dest=f.name, action="store_const", const=md["const"], default=None,
+                           help=text.replace("%", "%%"))
+            continue
+        text = md.get("option_help") or md["help"] + _choices(md) + _default(f.name)
+        kind = str if f.name == "e2e_seqs" else type(f.default)  # also 'all' (checked in run())
+        g.add_argument(opt, dest=f.name, type=kind, default=None, help=text.replace("%", "%%"),
+                       choices=list(md["choices"]) if "choices" in md else None)
+
+
+def _choices(md) -> str:
+    """". a: what a does; b: what b does" from a field's choices and their help."""
+    if "choices" not in md:
+        return ""
+    helps = md.get("choice_help", {})
+    return ". " + "; ".join(f"{c}: {helps[c]}" if c in helps else c for c in md["choices"])
+
+
+def _default(name: str) -> str:
+    """" (default 0.01)", or " (default: the preset's, 40 fast, 300 full)" when they differ."""
+    from dupstudio.core.calibration.settings import PRESETS
+
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    values = [getattr(ps, name) for ps in PRESETS.values()]
+    if len(set(values)) == 1:
+        return f" (default {show(values[0])})"
+    return " (default: the preset's, " + ", ".join(f"{show(v)} {p}" for v, p in zip(values, PRESETS)) + ")"
+
+
 def run(args) -> int:
     from dupstudio.commands._common import (default_calibration_text, load_config_and_model,
                                             materialize)
     from dupstudio.commands.info import StderrProgress
     from dupstudio.core import config as C
-    from dupstudio.core.calibrate import calibrate, settings_from
+    from dupstudio.core.calibrate import calibrate
+    from dupstudio.core.calibration.settings import settings_fields, settings_from
     from dupstudio.core.evaluate import make_windows, read_text, text_sha256, tokenize
     from dupstudio.core.jobs import DupstudioError
 
@@ -79,13 +96,9 @@ def run(args) -> int:
             raise DupstudioError(f"--e2e-seqs must be a whole number or 'all', got {e2e_seqs!r}") from None
         if e2e_seqs < 1:
             raise DupstudioError(f"--e2e-seqs must be at least 1 (or 'all'), got {e2e_seqs}")
-    settings = settings_from(args.preset, method=args.method, steps=args.steps, lr=args.lr,
-                             seqs=args.seqs, seq_len=args.seq_len, batch=args.batch, init=args.init,
-                             gains=args.gains or None, residual_gain=args.residual_gain or None,
-                             incremental=False if args.no_incremental else None, codes=args.codes,
-                             gptq_damp=args.gptq_damp, gptq_act_order=args.act_order or None,
-                             e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, ap_lr=args.ap_lr,
-                             e2e_seqs=0 if e2e_seqs == "all" else e2e_seqs)
+    overrides = {f.name: getattr(args, f.name) for f in settings_fields()}
+    overrides["e2e_seqs"] = 0 if e2e_seqs == "all" else e2e_seqs
+    settings = settings_from(args.preset, **overrides)
     from dupstudio.core.streaming import (available_memory, estimate_calibration_memory,
                                           memory_line, pick_stream)
 

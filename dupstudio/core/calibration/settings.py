@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from dupstudio.core.jobs import DupstudioError
 
@@ -26,30 +26,59 @@ METHOD_HELP = {"adam": "closed-form start, then Adam steps on the block-output l
 #: primary replica's strategy, or GPTQ (error feedback through the layer's input Hessian, with the
 #: inputs the already-quantized earlier blocks produce)
 CODE_METHODS = ("rtn", "gptq")
+#: one line per code choice for the CLI and the GUI
+CODE_METHOD_HELP = {"rtn": "round-to-nearest codes, only scales tuned",
+                    "gptq": "GPTQ chooses the codes with error feedback through each layer's input "
+                            "Hessian, measured on the quantized model's own inputs"}
+#: how a block's scales and biases start
+INIT_HELP = {"closed_form": "least squares weighted by each layer's inputs",
+             "rtn": "round-to-nearest's own"}
+
+
+def _field(default, help: str, **more):
+    """A settings field with its help line and, in ``more``: ``choices`` (the values allowed)
+    with ``choice_help`` (value -> one line), ``option`` (the command line's name when not
+    ``--field-name``), ``const`` (the value the option sets: a flag) and ``option_help`` (the
+    option's whole help when it reads otherwise than the field's)."""
+    return field(default=default, metadata={"help": help, **more})
 
 
 @dataclass
 class CalibSettings:
-    method: str = "adam"
-    steps: int = 100
-    lr: float = 5e-3
-    batch: int = 8
-    seqs: int = 64
-    seq_len: int = 512
-    init: str = "closed_form"  # or "rtn"
-    incremental: bool = True
-    gains: bool = False  # per-row and tied per-column gains
-    residual_gain: bool = False  # tune β even for K = 1
-    holdout: float = 0.25  # share of sequences held out to pick the best step and guard
-    reg: float = 0.0  # L2 pull of the tuned offsets (u, d, gains) towards the start, per value
-    seed: int = 0
-    codes: str = "rtn"  # one of CODE_METHODS
-    gptq_damp: float = 0.01  # GPTQ dampening, a share of the Hessian's mean diagonal
-    gptq_act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
-    e2e_steps: int = 0  # end-to-end KL steps over all blocks after the block-wise pass (0: none)
-    e2e_lr: float = 1e-3
-    e2e_seqs: int = 0  # sequences the end-to-end stage draws from (0: all it is given)
-    ap_lr: float = 1.5e-3  # learned rounding: Adam's step on the latent codes, in code units per step
+    """One calibration run's settings. Every field carries its help line in its metadata
+    (:func:`settings_fields`): the command line's options and the app's tooltips are built from
+    it."""
+
+    method: str = _field("adam", "block-wise method", choices=METHODS, choice_help=METHOD_HELP)
+    steps: int = _field(100, "Adam steps per block")
+    lr: float = _field(5e-3, "Adam's learning rate for the scales, biases and gains")
+    batch: int = _field(8, "sequences per Adam step and per forward pass")
+    seqs: int = _field(64, "calibration sequences of the block-wise pass")
+    seq_len: int = _field(512, "tokens per calibration sequence")
+    init: str = _field("closed_form", "where the scales and biases start", choices=tuple(INIT_HELP),
+                       choice_help=INIT_HELP)
+    incremental: bool = _field(True, "feed each block the quantized model's output of the blocks before it "
+                               "(off: the full-precision inputs)", option="--no-incremental", const=False,
+                               option_help="feed blocks the full-precision inputs instead of the quantized model's")
+    gains: bool = _field(False, "also tune per-row and per-column gains", const=True)
+    residual_gain: bool = _field(False, "also tune each block's residual gain β (even for K = 1)", const=True)
+    holdout: float = _field(0.25, "share of the sequences held out to pick the best Adam step and for the "
+                            "never-worse guard")
+    reg: float = _field(0.0, "L2 pull of the tuned offsets (scales, biases, gains) towards their start, "
+                        "per value")
+    seed: int = _field(0, "random seed (batches and held-out sequences)")
+    codes: str = _field("rtn", "how each block's integer codes are chosen before its scales are tuned",
+                        choices=CODE_METHODS, choice_help=CODE_METHOD_HELP)
+    gptq_damp: float = _field(0.01, "GPTQ dampening, a share of the Hessian's mean diagonal")
+    gptq_act_order: bool = _field(False, "GPTQ: visit columns in order of decreasing input energy",
+                                  option="--act-order", const=True)
+    e2e_steps: int = _field(0, "end-to-end KL steps over all blocks after the block-wise pass; 0: none")
+    e2e_lr: float = _field(1e-3, "end-to-end learning rate")
+    e2e_seqs: int = _field(0, "sequences of the text the end-to-end stage draws from; 0: all",
+                           option_help="sequences of the text for the end-to-end stage, or 'all' "
+                                       "(default: the preset's)")
+    ap_lr: float = _field(1.5e-3, "learned rounding (method ap): Adam's step on the latent codes, in code "
+                          "units")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -89,3 +118,14 @@ def settings_from(preset: str = "fast", **overrides) -> CalibSettings:
         raise DupstudioError("calibration settings out of range (steps ≥ 0, batch ≥ 1, seqs ≥ 1, seq_len ≥ 16)")
     return s
 
+
+
+def settings_fields() -> tuple:
+    """:class:`CalibSettings`' fields (``dataclasses.Field``), in order; each one's ``metadata``
+    holds its help line (see :func:`_field`)."""
+    return fields(CalibSettings)
+
+
+def setting_help(name: str) -> str:
+    """Field ``name``'s help line."""
+    return next(f for f in fields(CalibSettings) if f.name == name).metadata["help"]
