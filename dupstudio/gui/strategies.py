@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt
 
+from dupstudio.core.calibration.settings import CODE_METHOD_HELP
+
 STRATEGY_HELP = {
     "minmax": "The grid spans each group's smallest to largest weight (MLX's own rule; nothing clipped)",
     "symmetric": "A grid centred on zero, sized by the group's largest |w|",
@@ -28,10 +30,7 @@ MODE_HELP = {
     "serial": "Replicas run one after another: h ← h + α (f(h) − h) for each",
     "parallel": "Replicas run on the same input and their updates are summed: h + Σ w (f(h) − h)",
 }
-CODES_HELP = {
-    "rtn": "round-to-nearest codes, only scales tuned",
-    "gptq": "GPTQ chooses the codes with error feedback through each layer's input Hessian",
-}
+CODES_HELP = CODE_METHOD_HELP  # the command line's --codes help reads the same
 HELP = {"strategy": STRATEGY_HELP, "init": INIT_HELP, "granularity": GRANULARITY_HELP, "mode": MODE_HELP,
         "codes": CODES_HELP}
 

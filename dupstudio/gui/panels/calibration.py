@@ -60,6 +60,15 @@ def preset_label(name: str) -> str:
     return PRESET_LABELS.get(name, name)
 
 
+def setting_tip(name: str) -> str:
+    """The tooltip of the control for calibration setting ``name``: the setting's own help line
+    (the command line's option reads the same), capitalised."""
+    from dupstudio.core.calibration.settings import setting_help
+
+    h = setting_help(name)
+    return h[:1].upper() + h[1:]
+
+
 def describe_blocks(blocks: list) -> str:
     """0,1,2,5,7,8 -> "0–2, 5, 7–8"."""
     out, run = [], []
@@ -111,6 +120,7 @@ class CalibrationPanel(QWidget):
         for m in CB.METHODS:
             self.method.addItem(m, m)
             self.method.setItemData(self.method.count() - 1, CB.METHOD_HELP.get(m, ""), Qt.ToolTipRole)
+        self.method.setToolTip(setting_tip("method"))
         row.addWidget(QLabel("Method"))
         row.addWidget(self.method)
         self.preset = QComboBox()
@@ -126,15 +136,14 @@ class CalibrationPanel(QWidget):
         for c in getattr(CB, "CODE_METHODS", ("rtn",)):
             self.codes.addItem(c, c)
         add_tooltips(self.codes, "codes")
-        self.codes.setToolTip("How each block's integer codes are chosen before its scales are tuned")
+        self.codes.setToolTip(setting_tip("codes"))
         row.addSpacing(10)
         row.addWidget(QLabel("Codes"))
         row.addWidget(self.codes)
         self.e2e_steps = QSpinBox()
         self.e2e_steps.setRange(0, 100000)
         self.e2e_steps.setSpecialValueText("off")
-        self.e2e_steps.setToolTip("Steps of end-to-end tuning on the KL from full precision over all blocks, "
-                                  "after the block-by-block pass (0 = off)")
+        self.e2e_steps.setToolTip(setting_tip("e2e_steps"))
         row.addSpacing(10)
         row.addWidget(QLabel("End-to-end KL steps"))
         row.addWidget(self.e2e_steps)
@@ -153,9 +162,13 @@ class CalibrationPanel(QWidget):
         self.lr.setDecimals(4)
         self.lr.setRange(1e-5, 1.0)
         self.lr.setSingleStep(1e-3)
-        for label, w in (("Steps / block", self.steps), ("Sequences", self.seqs), ("Length", self.seq_len),
-                         ("Batch", self.batch), ("Learning rate", self.lr)):
-            row.addWidget(QLabel(label))
+        for label, w, name in (("Steps / block", self.steps, "steps"), ("Sequences", self.seqs, "seqs"),
+                               ("Length", self.seq_len, "seq_len"), ("Batch", self.batch, "batch"),
+                               ("Learning rate", self.lr, "lr")):
+            lab = QLabel(label)
+            for x in (lab, w):
+                x.setToolTip(setting_tip(name))
+            row.addWidget(lab)
             row.addWidget(w)
             row.addSpacing(6)
         row.addStretch(1)
