@@ -225,11 +225,20 @@ PROMPTS = ["The capital of France is", "Write a two-line story about a cat.",
            "What is 2 + 3?", "Name three colours.", "The sun rises in the"]
 
 
-def prompts(model_dir) -> list:
-    """Answers of an exported model to the fixed prompts, loaded by mlx-lm alone (greedy)."""
+def prompts(model_dir=None, model=None, tok=None) -> list:
+    """Answers to the fixed prompts (greedy, 48 tokens) of an exported model loaded by mlx-lm
+    alone, or of a model and tokenizer given. MLX's quantized kernels are slow on the CPU backend
+    (minutes per answer), so there the loaded model's quantized layers are dequantized to float32
+    by mlx-lm's own ``dequantize_model``: the same weights, computed in float32."""
+    import mlx.core as mx
     from mlx_lm import generate, load
+    from mlx_lm.utils import dequantize_model
 
-    model, tok = load(str(model_dir))
+    if model is None:
+        model, tok = load(str(model_dir))
+        if mx.default_device() == mx.cpu:
+            model = dequantize_model(model)
+            model.set_dtype(mx.float32)
     out = []
     for p in PROMPTS:
         msgs = [{"role": "user", "content": p}]
