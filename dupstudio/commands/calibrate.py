@@ -85,7 +85,8 @@ def run(args) -> int:
     from dupstudio.core import config as C
     from dupstudio.core.calibrate import calibrate
     from dupstudio.core.calibration.settings import settings_fields, settings_from
-    from dupstudio.core.evaluate import make_windows, read_text, text_sha256, tokenize
+    from dupstudio.core.calibration.data import calibration_tokens
+    from dupstudio.core.evaluate import make_windows, read_text, text_sha256
     from dupstudio.core.jobs import DupstudioError
 
     e2e_seqs = args.e2e_seqs
@@ -109,8 +110,9 @@ def run(args) -> int:
     n_win = settings.seqs
     if settings.e2e_steps or settings.method == "e2e":
         n_win = None if not settings.e2e_seqs else max(settings.seqs, settings.e2e_seqs)  # None: all
-    all_toks = tokenize(loaded.tokenizer, text)
-    toks = make_windows(all_toks, settings.seq_len, n_win, what=f"calibration text {text_path}")
+    all_toks = calibration_tokens(loaded.tokenizer, text, settings.chat)
+    toks = make_windows(all_toks, settings.seq_len, n_win, what=f"calibration text {text_path}"
+                        + (" (framed as chat)" if settings.chat else ""))
     blocks = C.parse_layers(args.blocks, len(cfg.blocks)) if args.blocks else None
     est = estimate_calibration_memory(loaded.config, cfg, settings.seqs, settings.seq_len, settings,
                                       checkpoint=True)  # finished blocks are read back from OUT.partial

@@ -243,14 +243,15 @@ def calibrate_job(loaded, cfg, text_path: str, settings, resume: bool = True, st
         import mlx.core as mx
 
         from dupstudio.core.calibration import checkpoints as CK
+        from dupstudio.core.calibration.data import calibration_tokens
         from dupstudio.core.calibrate import calibrate
-        from dupstudio.core.evaluate import make_windows, read_text, tokenize
+        from dupstudio.core.evaluate import make_windows, read_text
         from dupstudio.core.jobs import Cancelled
         from dupstudio.core.model_io import dupstudio_home
 
         progress(None, f"reading {Path(text_path).name}")
         text = read_text(text_path)
-        tokens = tokenize(loaded.tokenizer, text)
+        tokens = calibration_tokens(loaded.tokenizer, text, settings.chat)
         windows = make_windows(tokens, settings.seq_len, settings.seqs, what="calibration text")
         cancel.check()
         todo = sorted(set(int(b) for b in blocks)) if blocks else list(range(len(cfg.blocks)))

@@ -77,6 +77,9 @@ class CalibSettings:
     e2e_seqs: int = _field(0, "sequences of the text the end-to-end stage draws from; 0: all",
                            option_help="sequences of the text for the end-to-end stage, or 'all' "
                                        "(default: the preset's)")
+    chat: bool = _field(False, "frame the calibration text as chat exchanges in the model's own chat "
+                        "template (user: a paragraph's first sentence; assistant: the rest), so the quantized "
+                        "model also learns the positions where a chat model starts its answers", const=True)
     ap_lr: float = _field(1.5e-3, "learned rounding (method ap): Adam's step on the latent codes, in code "
                           "units")
 

@@ -147,6 +147,11 @@ class CalibrationPanel(QWidget):
         row.addSpacing(10)
         row.addWidget(QLabel("End-to-end KL steps"))
         row.addWidget(self.e2e_steps)
+        self.chat = QCheckBox("Frame as chat")
+        self.chat.setObjectName("calibrateChat")
+        self.chat.setToolTip(setting_tip("chat"))
+        row.addSpacing(10)
+        row.addWidget(self.chat)
         row.addStretch(1)
         form.addRow(row)
         row = QHBoxLayout()
@@ -284,6 +289,7 @@ class CalibrationPanel(QWidget):
         i = self.codes.findData(getattr(s, "codes", "rtn"))
         self.codes.setCurrentIndex(max(i, 0))
         self.e2e_steps.setValue(int(getattr(s, "e2e_steps", 0) or 0))
+        self.chat.setChecked(bool(getattr(s, "chat", False)))
 
     def settings(self):
         from dupstudio.core.calibration.settings import PRESETS, settings_from
@@ -294,6 +300,8 @@ class CalibrationPanel(QWidget):
             extra["codes"] = self.codes.currentData()
         if hasattr(PRESETS[preset], "e2e_steps"):
             extra["e2e_steps"] = self.e2e_steps.value()
+        if hasattr(PRESETS[preset], "chat"):
+            extra["chat"] = self.chat.isChecked()
         return settings_from(preset, method=self.method.currentData(), steps=self.steps.value(),
                              seqs=self.seqs.value(), seq_len=self.seq_len.value(), batch=self.batch.value(),
                              lr=self.lr.value(), **extra)
