@@ -146,7 +146,7 @@ def _calibrate_one(loaded, cfg, k, float_w, layer, x, y, settings, progress, can
     n = loaded.num_blocks
     out = cfg.copy()
     out.tensors = dict(cfg.tensors)
-    rng = np.random.default_rng(settings.seed)  # calibrate() starts a fresh generator per run
+    rng = np.random.default_rng([settings.seed, k])  # as calibrate() draws for block k
 
     def prog(frac, msg):  # calibrate reports whole-model fractions: map block k's share to 0-1
         progress(None if frac is None else frac * n - k, msg.removeprefix(f"block {k}: "))

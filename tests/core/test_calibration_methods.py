@@ -153,22 +153,36 @@ def test_learned_rounding_with_a_vanishing_step_is_plain_adam(tiny_loaded, shape
         assert np.array_equal(np.array(a.tensors[key]), np.array(b.tensors[key])), key
 
 
-def test_learned_rounding_changes_some_codes_and_lowers_the_block_loss(tiny_loaded, shape, cal):
-    # no held-out sequences: the random tiny model's 2 held-out sequences never improve, so early
-    # stopping would keep the start for both methods and compare nothing
+def _block0_loss(loaded, cfg, tokens):
+    """Block 0's output error of configuration ``cfg`` on ``tokens``, built the way the quantized
+    model runs it (replicate's path, not the calibration's own parametrisation)."""
+    from dupstudio.core import adapters
+    from dupstudio.core.calibration.block import block_forward, configured_block, embed_inputs
+
+    x = embed_inputs(loaded, loaded.model.model.embed_tokens, mx.array(tokens))
+    mask = adapters.of_model(loaded.model).causal_mask(loaded.model.args, 0, tokens.shape[1])
+    y = block_forward(loaded.model.model.layers[0], x, mask)
+    d = configured_block(loaded, cfg, 0)(x, mask) - y
+    return float(mx.mean(d * d).item())
+
+
+def test_learned_rounding_moves_a_few_codes_and_the_written_block_has_the_loss_it_reports(tiny_loaded, shape, cal):
+    # no held-out sequences: the random tiny model's 2 held-out sequences rarely improve, so early
+    # stopping would keep the start and test nothing
     s = dict(steps=30, seqs=8, seq_len=32, batch=4, holdout=0.0)
-    a = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", **s), blocks=[0])
+    a = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", method="adam", **s), blocks=[0])
     b = calibrate(tiny_loaded, C.new_config(shape), cal, settings_from("fast", method="ap", ap_lr=5e-3, **s),
                   blocks=[0])
-    ra, rb = a.blocks[0].calibration, b.blocks[0].calibration
-    assert rb["accepted"] and rb["loss_after"] < rb["loss_before"]
-    assert rb["loss_after"] < ra["loss_after"]  # the codes it moved paid for themselves
+    rb = b.blocks[0].calibration
+    assert rb["accepted"] and rb["loss_after"] < 0.9 * rb["loss_before"]
     width = tiny_loaded.model.model.layers[0].self_attn.q_proj.weight.shape[1]
-    moved = np.mean(_codes(a, 0, "q_proj", 2, width) != _codes(b, 0, "q_proj", 2, width))
-    # a few per cent of the codes move one step: learned rounding refines, it does not re-quantize
-    assert 0.0 < moved < 0.2
-    d = np.abs(_codes(a, 0, "q_proj", 2, width).astype(int) - _codes(b, 0, "q_proj", 2, width).astype(int))
-    assert d.max() <= 2
+    ca, cb = _codes(a, 0, "q_proj", 2, width).astype(int), _codes(b, 0, "q_proj", 2, width).astype(int)
+    moved = np.mean(ca != cb)
+    # some codes move, by one step mostly: learned rounding refines, it does not re-quantize
+    assert 0.0 < moved < 0.2 and np.abs(ca - cb).max() <= 2
+    # the frozen codes and the stored (float16) scales reproduce the loss the run reports
+    assert _block0_loss(tiny_loaded, b, cal[:8]) == pytest.approx(rb["loss_after"], rel=0.02)
+    assert _block0_loss(tiny_loaded, C.new_config(shape), cal[:8]) == pytest.approx(rb["loss_before"], rel=1e-4)
 
 
 def test_learned_rounding_guard_keeps_the_starting_codes_when_it_gets_worse(tiny_loaded, shape, cal, monkeypatch):

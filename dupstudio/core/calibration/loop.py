@@ -134,7 +134,6 @@ def calibrate_blocks(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, setti
     args = loaded.model.args
     n_blocks = len(loaded.model.model.layers)
     last = max(todo)
-    rng = np.random.default_rng(settings.seed)
     bs = settings.batch
     arch = adapters.of_model(loaded.model)
     results: list = []
@@ -178,6 +177,10 @@ def calibrate_blocks(loaded: LoadedModel, cfg: Config, tokens: np.ndarray, setti
                 progress((k + 1) / n_blocks, f"block {k}: resumed from checkpoint")
             else:
                 xq_m, y_m = acts.whole(x_q), acts.whole(y)
+                # a generator of each block's own (seed, block): a block's batches and held-out
+                # sequences do not depend on which blocks ran before it, so a resumed run (or one
+                # over some blocks only) draws exactly what the whole run drew
+                rng = np.random.default_rng([settings.seed, k])
                 res, t, gains, beta = calibrate_block(loaded, out, k, float_w, layer, xq_m, y_m, mask,
                                                       settings, rng, progress, cancel, on_loss, n_blocks)
                 del xq_m, y_m
