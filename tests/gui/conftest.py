@@ -66,6 +66,13 @@ def make_window(qtbot, settings):
     for w in made:
         w.project.undo_stack.setClean()
         w.shutdown()
+    # collect the closed windows here, on the GUI thread: left to a later collection they can be
+    # destroyed on whichever thread triggers it (a worker loading the next test's model), which
+    # crashed or hung Qt now and then
+    import gc
+
+    made.clear()
+    gc.collect()
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ def default_calibration_text() -> Optional[Path]:
     return None
 
 
-PRESET_LABELS = {"fast": "fast (≤ 10 min on 2 cores)", "full": "full (reference recipe)"}
+PRESET_LABELS = {"fast": "fast (about 10 min on 2 cores)", "full": "full (reference recipe)"}
 BEFORE_COLOR, AFTER_COLOR = "#d62728", "#2ca02c"
 
 
